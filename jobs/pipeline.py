@@ -1,0 +1,65 @@
+"""The embed job as one chain of Ray Data stages:
+
+    read units -> tokenize (CPU) -> bucket by length -> encode (actors) -> write fragments
+
+Each stage is one ``map_batches`` call whose resources are visible right here; the driver
+(``jobs.run``) consumes the write stage's results and commits them.
+"""
+
+from __future__ import annotations
+
+import ray
+import ray.data
+
+from jobs.bucket import bucket_window
+from jobs.encode import EncodeActor
+from jobs.preflight import RunPlan
+from jobs.read import read_units
+from jobs.tokenize import tokenize_batch
+from jobs.write import write_block
+
+ARROW = "pyarrow"
+
+
+def build(plan: RunPlan, registry: ray.actor.ActorHandle) -> ray.data.Dataset:
+    """The lazy dataset whose rows are write-stage results (fragments + counts)."""
+    cfg, opts = plan.config, plan.storage_options
+    cpu = cfg.cpus_per_task
+    items = [{"unit": u} for u in plan.units]
+    units = ray.data.from_items(items, override_num_blocks=len(items))
+    rows = units.map_batches(
+        read_units, fn_kwargs={"spec": plan.read_spec},
+        batch_size=1, batch_format=ARROW, num_cpus=cpu,
+    )
+    tokens = rows.map_batches(
+        tokenize_batch,
+        fn_kwargs={"spec": plan.spec, "task": plan.task, "storage_options": opts,
+                   "registry": registry},
+        batch_size=cfg.tokenize_batch_rows, batch_format=ARROW, num_cpus=cpu,
+    )
+    buckets = tokens.map_batches(
+        bucket_window,
+        fn_kwargs={"max_tokens": cfg.max_tokens_per_batch, "padded": not cfg.packed},
+        batch_size=cfg.window_rows, batch_format=ARROW, num_cpus=cpu,
+    )
+    vectors = buckets.map_batches(
+        EncodeActor,
+        fn_constructor_kwargs={
+            "model": cfg.model, "task": plan.task, "dims": plan.dims,
+            "vector_dtype": cfg.vector_dtype, "packed": cfg.packed,
+            "use_gpu": cfg.gpus_per_actor > 0, "cpu_threads": int(cfg.cpus_per_actor),
+            "storage_options": opts,
+        },
+        batch_size=None, batch_format=ARROW,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor,
+        # a dead actor is restarted and its calls retried (rows are keyed, never lost);
+        # these args also keep Ray from fusing the CPU stages into the actors
+        max_restarts=-1, max_task_retries=-1,
+    )
+    return vectors.map_batches(
+        write_block,
+        fn_kwargs={"output": cfg.output, "rejected_output": cfg.rejected_uri,
+                   "schema": plan.schema, "storage_options": opts},
+        batch_size=cfg.write_batch_rows, batch_format=ARROW, num_cpus=cpu,
+    )

@@ -1,0 +1,174 @@
+"""Everything checked before any model loads, and the run plan it produces.
+
+A bad configuration fails here with a message naming the value and what is allowed:
+unknown task, dim the model does not offer, input missing or empty, unreachable endpoint,
+missing columns, output that exists in create mode.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from jobs import read, storage
+from jobs.config import EmbedConfig
+from jobs.errors import ConfigError, InputError, OutputExistsError
+from jobs.write import REJECTED_SCHEMA, main_schema
+from model import ModelSpec, load_spec
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_PROBE_UNITS = 8  # empty leading files are skipped when deciding column types
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunPlan:
+    """A validated config plus everything derived from storage and the model's spec."""
+
+    config: EmbedConfig
+    storage_options: dict[str, str]
+    units: list[str]
+    spec: ModelSpec
+    task: str | None
+    dims: tuple[int, ...]  # every stored dim, the full one first
+    hidden_size: int
+    read_spec: read.ReadSpec
+    schema: pa.Schema
+    rejected_schema: pa.Schema
+    recreate_output: bool
+    recreate_rejected: bool
+
+
+def plan_run(config: EmbedConfig) -> RunPlan:
+    """Validate against storage and the model's config; never loads weights."""
+    options = storage.resolve_storage_options(config.storage_options)
+    fmt = config.input_format
+    for uri in (config.input, config.output, config.rejected_uri):
+        storage.check_reachable(uri, options)
+    units = read.list_units(config.input, fmt, options)
+    if not units:
+        raise InputError(
+            f"input {config.input!r} matched no {fmt} files "
+            f"(looked for names ending in {list(read.SUFFIXES[fmt])})"
+        )
+    filesystem = storage.s3fs_filesystem(options) if storage.is_s3(config.model) else None
+    spec = load_spec(config.model, filesystem=filesystem)
+    task = config.task if config.task is not None else spec.default_task
+    spec.check_task(task)
+    for dim in config.dims:
+        spec.check_dim(dim)
+    dims = (spec.hidden_size, *(d for d in config.dims if d != spec.hidden_size))
+    recreate_output = _check_output(config, options)
+    recreate_rejected = config.mode != "append" or not storage.lance_exists(
+        config.rejected_uri, options
+    )
+    read_spec, keep_fields = _read_spec(config, fmt, units, options)
+    stamp = _stamp(config, spec, task, dims)
+    schema = main_schema(read_spec.id_type, spec.hidden_size, dims, config.vector_dtype,
+                         keep_fields, stamp)
+    if not recreate_output:
+        _check_append_schema(config, schema, options)
+    return RunPlan(
+        config=config, storage_options=options, units=units, spec=spec, task=task, dims=dims,
+        hidden_size=spec.hidden_size, read_spec=read_spec, schema=schema,
+        rejected_schema=REJECTED_SCHEMA, recreate_output=recreate_output,
+        recreate_rejected=recreate_rejected,
+    )
+
+
+def _check_output(config: EmbedConfig, options: dict[str, str]) -> bool:
+    """True when this run creates (or replaces) the output table."""
+    exists = storage.lance_exists(config.output, options)
+    if exists and config.mode == "create":
+        raise OutputExistsError(
+            f"output {config.output!r} already exists and mode is 'create'; "
+            "pass --mode overwrite to replace it or --mode append to add to it"
+        )
+    return config.mode == "overwrite" or not exists
+
+
+def _read_spec(
+    config: EmbedConfig, fmt: str, units: list[str], options: dict[str, str]
+) -> tuple[read.ReadSpec, list[pa.Field]]:
+    probe = read.ReadSpec(
+        format=fmt, id_column=config.id_column, text_column=config.text_column,
+        keep_columns=config.keep_columns, id_type=pa.null(), keep_types=(),
+        storage_options=options,
+    )
+    schema = pa.schema([])
+    for unit in units[:SCHEMA_PROBE_UNITS]:
+        schema = read.probe_schema(unit, probe)
+        if len(schema):
+            break
+    names = schema.names
+    if names:
+        for label, column in (("id_column", config.id_column), ("text_column", config.text_column)):
+            if column not in names:
+                raise ConfigError(f"{label} {column!r} not in the input's columns {names}")
+    missing = [c for c in config.keep_columns if c not in names]
+    if missing:
+        raise ConfigError(f"keep_columns {missing} not in the input's columns {names}")
+    id_type = _id_type(schema.field(config.id_column).type if names else pa.string())
+    keep_fields = [pa.field(c, _plain(schema.field(c).type)) for c in config.keep_columns]
+    spec = read.ReadSpec(
+        format=fmt, id_column=config.id_column, text_column=config.text_column,
+        keep_columns=config.keep_columns, id_type=id_type,
+        keep_types=tuple(f.type for f in keep_fields), storage_options=options,
+    )
+    return spec, keep_fields
+
+
+def _id_type(found: pa.DataType) -> pa.DataType:
+    """The output id type: the input's, with string flavours and nulls made plain string."""
+    if pa.types.is_null(found) or pa.types.is_large_string(found) or pa.types.is_string_view(found):
+        return pa.string()
+    if pa.types.is_dictionary(found):
+        return _id_type(found.value_type)
+    return found
+
+
+def _plain(found: pa.DataType) -> pa.DataType:
+    if pa.types.is_dictionary(found):
+        return found.value_type
+    return pa.string() if pa.types.is_null(found) else found
+
+
+def _stamp(
+    config: EmbedConfig, spec: ModelSpec, task: str | None, dims: tuple[int, ...]
+) -> dict[str, str]:
+    """Schema metadata: what produced these vectors (read back by refresh and search)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package_version = version("embedjob")
+    except PackageNotFoundError:
+        package_version = "unknown"
+    return {
+        "embedjob.model_source": config.model,
+        "embedjob.model_revision": spec.revision or "",
+        "embedjob.weights_hash": spec.fingerprint,
+        "embedjob.task": task or "",
+        "embedjob.instruction": spec.instructions.get(task or "", ""),
+        "embedjob.dims": json.dumps(list(dims)),
+        "embedjob.normalization": "l2; vector_<d> = l2(truncate(vector, d))",
+        "embedjob.vector_dtype": config.vector_dtype,
+        "embedjob.version": package_version,
+        "embedjob.created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _check_append_schema(config: EmbedConfig, schema: pa.Schema, options: dict) -> None:
+    import lance
+
+    existing = lance.dataset(config.output, storage_options=storage.lance_options(options)).schema
+    ours = [(f.name, f.type) for f in schema]
+    theirs = [(f.name, f.type) for f in existing]
+    if ours != theirs:
+        raise ConfigError(
+            f"mode 'append' but output {config.output!r} has columns {theirs}; "
+            f"this run would write {ours}"
+        )

@@ -1,0 +1,134 @@
+"""``run(config)``: plan, stream the pipeline, commit, summarize. The job's one entry point."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import ray
+
+from jobs import pipeline, validate
+from jobs.commit import Committer, TableCommitter
+from jobs.config import EmbedConfig
+from jobs.errors import PipelineInvariantError
+from jobs.preflight import RunPlan, plan_run
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Summary:
+    """What one run did; logged as one line and written as JSON."""
+
+    output: str
+    rejected_output: str
+    table_version: int | None
+    rows_read: int
+    rows_embedded: int
+    rows_rejected: int
+    rows_truncated: int
+    tokens: int
+    processed_tokens: int
+    padding_efficiency: float
+    tokens_per_s: float
+    wall_s: float
+    commits: int
+    task: str | None
+    dims: list[int]
+
+    def line(self) -> str:
+        return (
+            f"embedded {self.rows_embedded}/{self.rows_read} rows "
+            f"({self.rows_rejected} rejected, {self.rows_truncated} truncated), "
+            f"{self.tokens} tokens, padding efficiency {self.padding_efficiency:.3f}, "
+            f"{self.tokens_per_s:.0f} tokens/s, {self.wall_s:.1f} s, {self.commits} commits "
+            f"-> {self.output} (version {self.table_version})"
+        )
+
+
+def run(config: EmbedConfig) -> Summary:
+    """Run one embed job to completion.
+
+    Raises:
+        EmbedError: a configuration or storage problem, before any model loads.
+    """
+    started = time.monotonic()
+    plan = plan_run(config)
+    _init_ray(config)
+    registry = validate.IdRegistry.remote()
+    committer = _committer(plan)
+    for result in pipeline.build(plan, registry).iter_batches(
+        batch_size=None, batch_format="pyarrow"
+    ):
+        committer.add(result)
+    committer.commit(final=True)
+    _check_one_to_one(committer, registry)
+    summary = _summary(plan, committer, time.monotonic() - started)
+    logger.info("%s", summary.line())
+    if config.summary_json:
+        _write_json(config.summary_json, asdict(summary))
+    return summary
+
+
+def _init_ray(config: EmbedConfig) -> None:
+    if ray.is_initialized():
+        return
+    address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    kwargs = {"include_dashboard": False} if address == "local" else {}
+    ray.init(address=address, log_to_driver=True, **kwargs)
+
+
+def _committer(plan: RunPlan) -> Committer:
+    cfg = plan.config
+    return Committer(
+        main=TableCommitter(uri=cfg.output, schema=plan.schema, recreate=plan.recreate_output,
+                            storage_options=plan.storage_options),
+        rejected=TableCommitter(uri=cfg.rejected_uri, schema=plan.rejected_schema,
+                                recreate=plan.recreate_rejected,
+                                storage_options=plan.storage_options),
+        interval_s=cfg.commit_interval_s,
+    )
+
+
+def _check_one_to_one(committer: Committer, registry) -> None:
+    """Every id the registry handed out was embedded exactly once."""
+    claimed = ray.get(registry.size.remote())
+    embedded = committer.counts.rows_embedded
+    if claimed != embedded:
+        raise PipelineInvariantError(
+            f"{claimed} distinct valid ids were read but {embedded} rows were embedded; "
+            "this is a bug"
+        )
+
+
+def _summary(plan: RunPlan, committer: Committer, wall_s: float) -> Summary:
+    counts = committer.counts
+    return Summary(
+        output=plan.config.output,
+        rejected_output=plan.config.rejected_uri,
+        table_version=committer.main.version,
+        rows_read=counts.rows_embedded + counts.rows_rejected,
+        rows_embedded=counts.rows_embedded,
+        rows_rejected=counts.rows_rejected,
+        rows_truncated=counts.rows_truncated,
+        tokens=counts.tokens,
+        processed_tokens=counts.processed_tokens,
+        padding_efficiency=counts.tokens / counts.processed_tokens if counts.processed_tokens
+        else 1.0,
+        tokens_per_s=counts.tokens / wall_s if wall_s > 0 else 0.0,
+        wall_s=round(wall_s, 3),
+        commits=committer.main.commits,
+        task=plan.task,
+        dims=list(plan.dims),
+    )
+
+
+def _write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")

@@ -1,0 +1,196 @@
+"""One set of storage options, applied the same way to every client that touches storage.
+
+The canonical form is Lance's (object_store) keys. Values come from the standard AWS
+environment variables and are overridden by ``--storage-option KEY=VALUE``. pyarrow, s3fs
+and Lance each get their own spelling of the same settings. Secrets never reach a log line:
+use :func:`redacted` to show options.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Mapping
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from jobs.errors import ConfigError, StorageError
+
+logger = logging.getLogger(__name__)
+
+# canonical key -> environment variable it is read from
+ENV_KEYS: dict[str, str] = {
+    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "aws_session_token": "AWS_SESSION_TOKEN",
+    "aws_endpoint": "AWS_ENDPOINT_URL",
+    "aws_region": "AWS_REGION",
+    "allow_http": "AWS_ALLOW_HTTP",
+}
+SECRET_KEYS = frozenset({"aws_secret_access_key", "aws_session_token", "aws_access_key_id"})
+
+
+def resolve_storage_options(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Merge the AWS environment variables with explicit overrides (overrides win).
+
+    Args:
+        overrides: ``--storage-option`` pairs; keys are Lance/object_store keys.
+
+    Returns:
+        Canonical options; an ``aws_endpoint`` starting with ``http://`` implies
+        ``allow_http=true``.
+    """
+    options = {key: os.environ[env] for key, env in ENV_KEYS.items() if os.environ.get(env)}
+    if "aws_region" not in options and os.environ.get("AWS_DEFAULT_REGION"):
+        options["aws_region"] = os.environ["AWS_DEFAULT_REGION"]
+    options.update({k: str(v) for k, v in (overrides or {}).items()})
+    if options.get("aws_endpoint", "").startswith("http://"):
+        options.setdefault("allow_http", "true")
+    return options
+
+
+def parse_storage_option(pair: str) -> tuple[str, str]:
+    """Parse one ``KEY=VALUE`` flag value."""
+    key, sep, value = pair.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"storage option {pair.split('=')[0]!r} must look like KEY=VALUE")
+    return key.strip(), value
+
+
+def redacted(options: Mapping[str, str]) -> dict[str, str]:
+    """Options safe to print: secrets replaced by ``***``."""
+    return {k: ("***" if k in SECRET_KEYS else v) for k, v in options.items()}
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def strip_scheme(uri: str) -> str:
+    """``s3://bucket/key`` -> ``bucket/key``; local paths become absolute."""
+    return uri.split("://", 1)[1] if is_s3(uri) else os.path.abspath(uri)
+
+
+def _allow_http(options: Mapping[str, str]) -> bool:
+    return str(options.get("allow_http", "false")).lower() in {"1", "true", "yes"}
+
+
+def lance_options(options: Mapping[str, str]) -> dict[str, str]:
+    """Storage options for Lance and lance_ray (already in their spelling)."""
+    return dict(options)
+
+
+def pyarrow_filesystem(uri: str, options: Mapping[str, str]) -> pafs.FileSystem:
+    """A pyarrow filesystem for ``uri`` (S3 needs ``endpoint_override`` explicitly)."""
+    if not is_s3(uri):
+        return pafs.LocalFileSystem()
+    endpoint = options.get("aws_endpoint")
+    kwargs: dict = {
+        "access_key": options.get("aws_access_key_id"),
+        "secret_key": options.get("aws_secret_access_key"),
+        "session_token": options.get("aws_session_token"),
+        "region": options.get("aws_region"),
+    }
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or endpoint
+        kwargs["scheme"] = parsed.scheme or ("http" if _allow_http(options) else "https")
+    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def s3fs_filesystem(options: Mapping[str, str]):
+    """An s3fs filesystem with the same settings (no region with a custom endpoint)."""
+    import s3fs
+
+    client_kwargs = {}
+    if options.get("aws_endpoint"):
+        client_kwargs["endpoint_url"] = options["aws_endpoint"]
+    elif options.get("aws_region"):
+        client_kwargs["region_name"] = options["aws_region"]
+    return s3fs.S3FileSystem(
+        key=options.get("aws_access_key_id"),
+        secret=options.get("aws_secret_access_key"),
+        token=options.get("aws_session_token"),
+        client_kwargs=client_kwargs,
+    )
+
+
+def _endpoint_hint(options: Mapping[str, str]) -> str:
+    return options.get("aws_endpoint") or "the default AWS endpoint"
+
+
+def list_files(uri: str, options: Mapping[str, str], suffixes: tuple[str, ...]) -> list[str]:
+    """Files named by ``uri``: one file, every matching file under a directory/prefix, or a glob.
+
+    Returns full URIs (``s3://...`` or absolute local paths), sorted, so that a rerun sees
+    the same order.
+    """
+    if not is_s3(uri):
+        return _list_local(uri, suffixes)
+    fs = pyarrow_filesystem(uri, options)
+    path = strip_scheme(uri)
+    try:
+        if any(ch in path for ch in "*?["):
+            found = ["s3://" + p for p in s3fs_filesystem(options).glob(path)]
+        else:
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.File:
+                return [uri]
+            if info.type == pafs.FileType.NotFound:
+                return []
+            selector = pafs.FileSelector(path, recursive=True)
+            found = [
+                "s3://" + i.path
+                for i in fs.get_file_info(selector)
+                if i.type == pafs.FileType.File
+            ]
+    except OSError as exc:
+        raise StorageError(
+            f"cannot list input {uri!r} at {_endpoint_hint(options)}: {exc}"
+        ) from exc
+    return sorted(f for f in found if f.endswith(suffixes))
+
+
+def _list_local(uri: str, suffixes: tuple[str, ...]) -> list[str]:
+    if any(ch in uri for ch in "*?["):
+        found = [os.path.abspath(p) for p in glob.glob(uri, recursive=True) if os.path.isfile(p)]
+    elif os.path.isfile(uri):
+        return [os.path.abspath(uri)]
+    elif os.path.isdir(uri):
+        found = [
+            os.path.join(root, name)
+            for root, _, names in os.walk(os.path.abspath(uri))
+            for name in names
+        ]
+    else:
+        return []
+    return sorted(f for f in found if f.endswith(suffixes))
+
+
+def check_reachable(uri: str, options: Mapping[str, str]) -> None:
+    """Fail early when the bucket of an ``s3://`` URI cannot be reached or does not exist."""
+    if not is_s3(uri):
+        return
+    bucket = strip_scheme(uri).split("/", 1)[0]
+    fs = pyarrow_filesystem(uri, options)
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot reach bucket {bucket!r} of {uri!r} at {_endpoint_hint(options)}: {exc}"
+        ) from exc
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"bucket {bucket!r} of {uri!r} does not exist")
+
+
+def lance_exists(uri: str, options: Mapping[str, str]) -> bool:
+    """Whether a Lance dataset (any committed version) exists at ``uri``."""
+    fs = pyarrow_filesystem(uri, options)
+    versions = strip_scheme(uri).rstrip("/") + "/_versions"
+    try:
+        info = fs.get_file_info(pafs.FileSelector(versions, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(f"cannot check output {uri!r}: {exc}") from exc
+    return len(info) > 0

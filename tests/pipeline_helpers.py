@@ -1,0 +1,44 @@
+"""Corpus and checks shared by the pipeline-tier tests."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "jobs" / "data" / "udhr_sample.parquet"
+
+
+def real_rows(n: int, offset: int = 0) -> list[dict]:
+    """n real multilingual UDHR paragraphs with integer ids offset+0..offset+n-1."""
+    table = pq.read_table(SAMPLE).slice(offset, n)
+    return [
+        {"id": offset + i, "text": row["text"], "lang": row["lang"]}
+        for i, row in enumerate(table.to_pylist())
+    ]
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    return pa.table({
+        "id": pa.array([r["id"] for r in rows], pa.int64()),
+        "text": pa.array([r["text"] for r in rows], pa.string()),
+        "lang": pa.array([r.get("lang") for r in rows], pa.string()),
+    })
+
+
+def content_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def l2(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def vectors_by_id(table: pa.Table, column: str = "vector") -> dict:
+    ids = table.column("id").to_pylist()
+    values = np.asarray(table.column(column).to_pylist(), dtype=np.float32)
+    return dict(zip(ids, values, strict=True))
