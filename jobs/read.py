@@ -136,17 +136,21 @@ def _parse_json_line(line: bytes) -> dict:
 
 
 def _rows_to_table(rows: list[dict], spec: ReadSpec) -> pa.Table:
-    """Python rows -> table; texts that are not strings become null with a reason."""
-    columns: dict[str, list] = {name: [] for name in (*_wanted(spec), "__reject")}
-    for row in rows:
-        reject = row.get("__reject")
-        text = row.get(spec.text_column)
-        if reject is None and text is not None and not isinstance(text, str):
-            reject = f"text is not a string ({type(text).__name__})"
-        for name in _wanted(spec):
-            columns[name].append(row.get(name))
-        columns[spec.text_column][-1] = text if isinstance(text, str) else None
-        columns["__reject"].append(reject)
+    """Python rows -> table; texts that are not strings become null with a reason.
+
+    A wanted column that no row has is left out, so a missing column is reported as missing.
+    """
+    seen = set().union(*rows)
+    names = [name for name in _wanted(spec) if name in seen]
+    columns: dict[str, list] = {name: [row.get(name) for row in rows] for name in names}
+    reasons = [row.get("__reject") for row in rows]
+    if spec.text_column in columns:
+        texts = columns[spec.text_column]
+        for i, text in enumerate(texts):
+            if text is not None and not isinstance(text, str):
+                reasons[i] = reasons[i] or f"text is not a string ({type(text).__name__})"
+                texts[i] = None
+    columns["__reject"] = reasons
     return pa.table({name: _py_array(values) for name, values in columns.items()})
 
 
@@ -256,7 +260,36 @@ def _fill(reasons: list[str | None], rows, reason: str) -> None:
 
 
 def probe_schema(unit: str, spec: ReadSpec) -> pa.Schema:
-    """Schema of the first batch of a unit (used to decide id and kept column types)."""
+    """Every column of a unit with its type (decides the id and kept column types).
+
+    An empty schema means the unit holds no rows (the next unit is probed).
+    """
+    if spec.format == "parquet":
+        import pyarrow.parquet as pq
+
+        with _open(unit, spec) as handle:
+            parquet = pq.ParquetFile(handle)
+            return parquet.schema_arrow if parquet.metadata.num_rows else pa.schema([])
+    if spec.format == "lance":
+        import lance
+
+        options = storage.lance_options(spec.storage_options)
+        return lance.dataset(unit.rpartition("#")[0], storage_options=options).schema
+    if spec.format == "jsonl":
+        for table in _read_jsonl_all_keys(unit, spec):
+            return table.schema
+        return pa.schema([])
     for table in _READERS[spec.format](unit, spec):
         return table.schema
     return pa.schema([])
+
+
+def _read_jsonl_all_keys(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
+    """The first JSON-lines batch with every key any row has."""
+    with _open(unit, spec) as handle:
+        head = handle.read(1 << 20).split(b"\n")[:READ_BATCH_ROWS]
+    rows = [r for r in (_parse_json_line(line) for line in head if line.strip())
+            if "__reject" not in r]
+    if rows:
+        keys = sorted(set().union(*rows))
+        yield pa.table({k: _py_array([r.get(k) for r in rows]) for k in keys})
