@@ -29,8 +29,24 @@ def test_one_token_over_budget_starts_a_new_batch():
 
 
 def test_text_over_budget_goes_alone():
-    assert plan_batches([10, 10, 500, 20], 100) == [range(0, 2), range(2, 3), range(3, 4)]
+    # [10,10] + [20] processes 40 tokens, [10,10,20] 60: two batches win despite overhead
+    assert plan_batches([10, 10, 20, 500], 100) == [range(0, 2), range(2, 3), range(3, 4)]
     assert plan_batches([500], 100) == [range(0, 1)]
+    # unsorted rows are cut greedily, the long one still alone
+    assert plan_batches([10, 10, 500, 20], 100) == [range(0, 2), range(2, 3), range(3, 4)]
+
+
+def test_padded_cuts_beat_greedy_at_a_length_jump():
+    # greedy fills [1,1,1,1,1,10] (6 x 10 = 60) then [10,10,10]; cutting at the jump
+    # costs 5 + 40 tokens instead of 60 + 30
+    lengths = [1, 1, 1, 1, 1, 10, 10, 10, 10]
+    assert plan_batches(lengths, 60, overhead_tokens=0) == [range(0, 5), range(5, 9)]
+    assert plan_batches(lengths, 60, overhead_tokens=0) != plan_batches(lengths[::-1], 60)[::-1]
+
+
+def test_overhead_keeps_equal_lengths_together():
+    # without overhead, any split of equal lengths is optimal; with it, one batch
+    assert plan_batches([7] * 8, 100, overhead_tokens=10) == [range(0, 8)]
 
 
 def test_packed_cost_is_sum_of_lengths():
@@ -48,7 +64,9 @@ def test_empty_window():
 def test_random_plans_cover_rows_once_and_respect_budget(padded):
     rng = np.random.default_rng(0)
     for _ in range(50):
-        lengths = sorted(rng.integers(1, 300, rng.integers(1, 200)).tolist())
+        lengths = rng.integers(1, 300, rng.integers(1, 200)).tolist()
+        if rng.random() < 0.7:
+            lengths = sorted(lengths)
         budget = int(rng.integers(50, 2000))
         batches = plan_batches(lengths, budget, padded)
         covered = [i for b in batches for i in b]
@@ -77,9 +95,9 @@ def _window(lengths, rejected=(), source="a.parquet"):
 
 
 def test_bucket_sorts_window_and_marks_batches():
-    out = bucket_window(_window([9, 3, 5, 1, 7], rejected={2}), max_tokens=10, padded=True)
-    assert out.column("_id").to_pylist() == [3, 1, 4, 0, 2]
-    # sorted lengths 1,3,7,9: [1,3] cost 6, then 7 alone (2x7=14>10), 9 alone; rejected -1
+    out = bucket_window(_window([9, 3, 5, 3, 7], rejected={2}), max_tokens=16, padded=True)
+    assert out.column("_id").to_pylist() == [1, 3, 4, 0, 2]
+    # sorted lengths 3,3,7,9: [3,3] cost 6, 7 alone (3x7 = 21 > 16), 9 alone; rejected -1
     batch = out.column("_batch").to_numpy()
     assert (batch[:4] & 0xFFFFF).tolist() == [0, 0, 1, 2] and batch[4] == -1
     assert len({b >> 20 for b in batch[:4].tolist()}) == 1  # one window key
