@@ -3,6 +3,8 @@
 The output and the rejected table are committed together, every ``commit_interval_s`` and
 at the end. The first commit of a table that this run (re)creates is an Overwrite with the
 stamped schema; later ones are Appends on top of the version this run last committed.
+After each commit the progress record (``jobs.progress``) is updated, so a rerun after a
+crash resumes from the last commit.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from dataclasses import dataclass, field
 
 import lance
 import pyarrow as pa
+import ray
 
 from jobs import storage
+from jobs.progress import LAST_RUN_KEY, PROGRESS_KEY, ProgressRecord, UnitLedger
 from jobs.write import load_fragments
 
 logger = logging.getLogger(__name__)
@@ -58,8 +62,18 @@ class TableCommitter:
         self.pending = []
 
     def _latest(self) -> int:
-        options = storage.lance_options(self.storage_options)
-        return lance.dataset(self.uri, storage_options=options).version
+        return self.dataset().version
+
+    def dataset(self) -> lance.LanceDataset:
+        return lance.dataset(self.uri, storage_options=storage.lance_options(self.storage_options))
+
+    def update_metadata(self, values: dict[str, str]) -> None:
+        """Table-level key/values (a metadata-only commit)."""
+        if self.version is None and self.recreate:
+            return  # nothing committed yet: the table does not exist
+        dataset = self.dataset()
+        dataset.update_metadata(values)
+        self.version = dataset.version
 
 
 @dataclass
@@ -85,6 +99,9 @@ class Committer:
     main: TableCommitter
     rejected: TableCommitter
     interval_s: float
+    ledger: UnitLedger
+    tracker: ray.actor.ActorHandle
+    run_key: str
     counts: Counts = field(default_factory=Counts)
     started: float = field(default_factory=time.monotonic)
     last_commit: float = field(default_factory=time.monotonic)
@@ -95,14 +112,32 @@ class Committer:
         for pickled in result.column("rejected_fragments").to_pylist():
             self.rejected.add(pickled)
         self.counts.add(result)
+        for units, rows in zip(result.column("units").to_pylist(),
+                               result.column("unit_rows").to_pylist(), strict=True):
+            self.ledger.add(units, rows)
         if time.monotonic() - self.last_commit >= self.interval_s:
             self.commit()
 
-    def commit(self, *, final: bool = False) -> None:
+    def commit(
+        self, *, create: bool = False, final: bool = False, last_run: str | None = None
+    ) -> None:
+        """Commit what is pending, then the progress record.
+
+        Args:
+            create: Also create tables this run (re)creates when nothing is pending.
+            final: Mark the run complete in the progress record.
+            last_run: The run summary (JSON) to store beside the progress record.
+        """
         # Rejected rows first: a reader of the output never sees rows whose rejected
         # siblings are not yet visible.
-        self.rejected.commit(force=final)
-        self.main.commit(force=final)
+        self.rejected.commit(force=create)
+        self.main.commit(force=create)
+        self.ledger.on_commit(ray.get(self.tracker.totals.remote()))
+        record = ProgressRecord(run_key=self.run_key, done=self.ledger.done, complete=final)
+        metadata = {PROGRESS_KEY: record.to_json()}
+        if last_run is not None:
+            metadata[LAST_RUN_KEY] = last_run
+        self.main.update_metadata(metadata)
         self.last_commit = time.monotonic()
         elapsed = max(time.monotonic() - self.started, 1e-9)
         logger.info(

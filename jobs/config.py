@@ -58,6 +58,9 @@ class EmbedConfig:
         cpus_per_actor: CPUs reserved per encode actor (its torch threads on CPU actors:
             at least 1). 0.5 lets a 2-core machine run the CPU stages beside one actor.
         cpus_per_task: CPUs reserved per read/tokenize/bucket/write task.
+        read_memory_bytes: Memory reserved per read task (one input file at a time, in
+            8192-row batches; a Parquet row group is decoded whole, so 512 MiB leaves room
+            for row groups of a few hundred MB).
         packed: Concatenate sequences into one row (block-diagonal attention) instead of
             padding; pays off on GPUs with varlen attention, not on CPU.
         vector_dtype: Stored vector element type.
@@ -90,6 +93,7 @@ class EmbedConfig:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 0.5
     cpus_per_task: float = 0.5
+    read_memory_bytes: int = 512 * 1024 * 1024
     packed: bool = False
     vector_dtype: Literal["float32", "float16"] = "float32"
     mode: Literal["create", "overwrite", "append"] = "create"
@@ -109,7 +113,7 @@ class EmbedConfig:
         _require(self.vector_dtype in VECTOR_DTYPES, "vector_dtype", self.vector_dtype,
                  VECTOR_DTYPES)
         for name in ("max_tokens_per_batch", "window_rows", "num_actors", "tokenize_batch_rows",
-                     "write_batch_rows"):
+                     "write_batch_rows", "read_memory_bytes"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
         _require(self.window_rows <= 1 << 20, "window_rows", self.window_rows, "<= 1048576")
@@ -167,7 +171,9 @@ class EmbedConfig:
 
 
 # Columns the job writes besides the id and the kept ones.
-OUTPUT_COLUMNS: tuple[str, ...] = ("vector", "n_tokens", "truncated", "content_hash")
+OUTPUT_COLUMNS: tuple[str, ...] = (
+    "vector", "n_tokens", "truncated", "content_hash", "source_file", "source_row",
+)
 
 
 def _as_tuple(key: str, value: Any) -> tuple:

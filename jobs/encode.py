@@ -8,6 +8,8 @@ aside. The stage checks one output per input.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,6 +19,10 @@ from jobs import storage
 from jobs.errors import PipelineInvariantError
 
 logger = logging.getLogger(__name__)
+
+# Fault-injection hook for the crash/resume tests: seconds to sleep per encode call, so a
+# test can kill the driver or an actor mid-run. Unset in production.
+DELAY_ENV = "EMBEDJOB_TEST_ENCODE_DELAY_S"
 
 
 class EncodeActor:
@@ -50,6 +56,8 @@ class EncodeActor:
         self.packed = packed
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if os.environ.get(DELAY_ENV):
+            time.sleep(float(os.environ[DELAY_ENV]))
         n = table.num_rows
         hidden = self.embedder.hidden_size
         vectors = np.zeros((n, hidden), np.float32)

@@ -21,21 +21,28 @@ from jobs.write import write_block
 ARROW = "pyarrow"
 
 
-def build(plan: RunPlan, registry: ray.actor.ActorHandle) -> ray.data.Dataset:
+def build(
+    plan: RunPlan, registry: ray.actor.ActorHandle, tracker: ray.actor.ActorHandle
+) -> ray.data.Dataset:
     """The lazy dataset whose rows are write-stage results (fragments + counts)."""
     cfg, opts = plan.config, plan.storage_options
     cpu = cfg.cpus_per_task
     items = [{"unit": u} for u in plan.units]
     units = ray.data.from_items(items, override_num_blocks=len(items))
     rows = units.map_batches(
-        read_units, fn_kwargs={"spec": plan.read_spec},
+        read_units, fn_kwargs={"spec": plan.read_spec, "tracker": tracker},
         batch_size=1, batch_format=ARROW, num_cpus=cpu,
+        # its own memory reservation also keeps Ray from fusing the read into the tokenize
+        # stage, which would bundle window_rows units into one read task
+        memory=cfg.read_memory_bytes,
     )
     tokens = rows.map_batches(
         tokenize_batch,
         fn_kwargs={"spec": plan.spec, "task": plan.task, "storage_options": opts,
                    "registry": registry},
-        batch_size=cfg.tokenize_batch_rows, batch_format=ARROW, num_cpus=cpu,
+        # never gather more rows than a window sorts: Ray fuses this with the bucket stage
+        batch_size=min(cfg.tokenize_batch_rows, cfg.window_rows), batch_format=ARROW,
+        num_cpus=cpu,
     )
     buckets = tokens.map_batches(
         bucket_window,

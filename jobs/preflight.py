@@ -17,6 +17,7 @@ import pyarrow as pa
 from jobs import read, storage
 from jobs.config import EmbedConfig
 from jobs.errors import ConfigError, InputError, OutputExistsError
+from jobs.progress import ProgressRecord, run_key
 from jobs.write import REJECTED_SCHEMA, main_schema
 from model import ModelSpec, load_spec
 
@@ -31,7 +32,10 @@ class RunPlan:
 
     config: EmbedConfig
     storage_options: dict[str, str]
-    units: list[str]
+    units: list[str]  # still to embed (all of them, unless resuming)
+    fingerprints: dict[str, str]  # every input unit -> size:mtime
+    run_key: str
+    resumed: ProgressRecord | None  # the interrupted attempt this run continues
     spec: ModelSpec
     task: str | None
     dims: tuple[int, ...]  # every stored dim, the full one first
@@ -62,22 +66,58 @@ def plan_run(config: EmbedConfig) -> RunPlan:
     for dim in config.dims:
         spec.check_dim(dim)
     dims = (spec.hidden_size, *(d for d in config.dims if d != spec.hidden_size))
-    recreate_output = _check_output(config, options)
-    recreate_rejected = config.mode != "append" or not storage.lance_exists(
-        config.rejected_uri, options
-    )
     read_spec, keep_fields = _read_spec(config, fmt, units, options)
+    key = run_key({"input": config.input, "format": fmt, "weights": spec.fingerprint,
+                   "task": task, "dims": dims, "id": config.id_column,
+                   "text": config.text_column, "keep": config.keep_columns,
+                   "dtype": config.vector_dtype})
+    fingerprints = storage.file_fingerprints(units, options)
+    resumed = _resumable(config, options, key, fingerprints)
+    recreate_output = resumed is None and _check_output(config, options)
+    appending = config.mode == "append" or resumed is not None
+    recreate_rejected = not appending or not storage.lance_exists(config.rejected_uri, options)
     stamp = _stamp(config, spec, task, dims)
     schema = main_schema(read_spec.id_type, spec.hidden_size, dims, config.vector_dtype,
                          keep_fields, stamp)
     if not recreate_output:
         _check_append_schema(config, schema, options)
+    todo = [u for u in units if resumed is None or u not in resumed.done]
     return RunPlan(
-        config=config, storage_options=options, units=units, spec=spec, task=task, dims=dims,
+        config=config, storage_options=options, units=todo, fingerprints=fingerprints,
+        run_key=key, resumed=resumed, spec=spec, task=task, dims=dims,
         hidden_size=spec.hidden_size, read_spec=read_spec, schema=schema,
         rejected_schema=REJECTED_SCHEMA, recreate_output=recreate_output,
         recreate_rejected=recreate_rejected,
     )
+
+
+def _resumable(
+    config: EmbedConfig, options: dict[str, str], key: str, fingerprints: dict[str, str]
+) -> ProgressRecord | None:
+    """The progress of an interrupted attempt at this same run, if the output holds one."""
+    if config.mode == "overwrite" or not storage.lance_exists(config.output, options):
+        return None
+    import lance
+
+    dataset = lance.dataset(config.output, storage_options=storage.lance_options(options))
+    record = ProgressRecord.from_metadata(dataset.metadata)
+    if record is None or record.complete:
+        return None
+    if record.run_key != key:
+        raise OutputExistsError(
+            f"output {config.output!r} holds an interrupted run with other settings "
+            "(input, model weights, task, dims, columns or vector dtype differ); rerun it "
+            "with the same settings to resume, or pass --mode overwrite to start over"
+        )
+    changed = [u for u, fp in record.done.items() if fingerprints.get(u) != fp]
+    if changed:
+        raise InputError(
+            f"input changed since the interrupted run of {config.output!r}: {changed[:5]} "
+            "(finished files changed or disappeared); pass --mode overwrite to start over"
+        )
+    logger.info("resuming %s: %d of %d input units already done", config.output,
+                len(record.done), len(fingerprints))
+    return record
 
 
 def _check_output(config: EmbedConfig, options: dict[str, str]) -> bool:

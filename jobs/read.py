@@ -67,11 +67,21 @@ def list_units(uri: str, fmt: str, options: Mapping[str, str]) -> list[str]:
     return storage.list_files(uri, options, SUFFIXES[fmt])
 
 
-def read_units(batch: pa.Table, spec: ReadSpec) -> Iterator[pa.Table]:
-    """``map_batches`` body: one input row per unit URI, yields bounded row blocks."""
+def read_units(batch: pa.Table, spec: ReadSpec, tracker=None) -> Iterator[pa.Table]:
+    """``map_batches`` body: one input row per unit URI, yields bounded row blocks.
+
+    When a unit is read to its end, its row count goes to ``tracker`` (a ReadTracker),
+    so the driver can tell when every row of the unit is committed.
+    """
+    import ray
+
     for unit in batch.column("unit").to_pylist():
+        rows = 0
         for raw, first_row in _raw_batches(unit, spec):
+            rows = first_row + raw.num_rows
             yield normalize(raw, unit, first_row, spec)
+        if tracker is not None:
+            ray.get(tracker.unit_read.remote(unit, rows))
 
 
 def _raw_batches(unit: str, spec: ReadSpec) -> Iterator[tuple[pa.Table, int]]:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import ray
 
-from jobs import pipeline, validate
+from jobs import pipeline, progress, storage, validate
 from jobs.commit import Committer, TableCommitter
 from jobs.config import EmbedConfig
 from jobs.errors import PipelineInvariantError
@@ -30,6 +30,7 @@ class Summary:
     rows_embedded: int
     rows_rejected: int
     rows_truncated: int
+    resumed_units_done: int
     tokens: int
     processed_tokens: int
     padding_efficiency: float
@@ -60,13 +61,21 @@ def run(config: EmbedConfig) -> Summary:
     _init_ray(config)
     registry = validate.IdRegistry.remote()
     committer = _committer(plan)
-    for result in pipeline.build(plan, registry).iter_batches(
-        batch_size=None, batch_format="pyarrow"
-    ):
-        committer.add(result)
-    committer.commit(final=True)
-    _check_one_to_one(committer, registry)
+    seeded = _prepare_resume(plan, committer, registry) if plan.resumed else 0
+    if plan.units:
+        results = pipeline.build(plan, registry, committer.tracker)
+        for result in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+            committer.add(result)
+    _check_one_to_one(committer, registry, seeded)
+    committer.commit(create=True)
+    # The final commit writes only metadata (progress + this summary): one more version.
     summary = _summary(plan, committer, time.monotonic() - started)
+    committer.commit(final=True, last_run=json.dumps(asdict(summary)))
+    if committer.main.version != summary.table_version:
+        raise PipelineInvariantError(
+            f"output version {committer.main.version} after the final commit, expected "
+            f"{summary.table_version}: another writer committed meanwhile"
+        )
     logger.info("%s", summary.line())
     if config.summary_json:
         _write_json(config.summary_json, asdict(summary))
@@ -84,7 +93,11 @@ def _init_ray(config: EmbedConfig) -> None:
 
 def _committer(plan: RunPlan) -> Committer:
     cfg = plan.config
+    done = dict(plan.resumed.done) if plan.resumed else {}
     return Committer(
+        ledger=progress.UnitLedger(fingerprints=plan.fingerprints, done=done),
+        tracker=progress.ReadTracker.remote(),
+        run_key=plan.run_key,
         main=TableCommitter(uri=cfg.output, schema=plan.schema, recreate=plan.recreate_output,
                             storage_options=plan.storage_options),
         rejected=TableCommitter(uri=cfg.rejected_uri, schema=plan.rejected_schema,
@@ -94,10 +107,29 @@ def _committer(plan: RunPlan) -> Committer:
     )
 
 
-def _check_one_to_one(committer: Committer, registry) -> None:
+def _prepare_resume(plan: RunPlan, committer: Committer, registry) -> int:
+    """Drop the rows of unfinished units from both tables; claim the ids already embedded.
+
+    Returns:
+        How many ids the finished units hold (claimed before any new row).
+    """
+    if plan.units:
+        listed = ", ".join("'" + u.replace("'", "''") + "'" for u in plan.units)
+        committer.main.dataset().delete(f"source_file IN ({listed})")
+        if storage.lance_exists(plan.config.rejected_uri, plan.storage_options):
+            committer.rejected.dataset().delete(f"source IN ({listed})")
+    seeded = 0
+    for batch in committer.main.dataset().to_batches(columns=["id"], batch_size=65536):
+        ids = batch.column("id").to_pylist()
+        ray.get(registry.claim.remote(ids, [0] * len(ids)))  # 0: no new row owns these
+        seeded += len(ids)
+    return seeded
+
+
+def _check_one_to_one(committer: Committer, registry, seeded: int) -> None:
     """Every id the registry handed out was embedded exactly once."""
     claimed = ray.get(registry.size.remote())
-    embedded = committer.counts.rows_embedded
+    embedded = committer.counts.rows_embedded + seeded
     if claimed != embedded:
         raise PipelineInvariantError(
             f"{claimed} distinct valid ids were read but {embedded} rows were embedded; "
@@ -110,11 +142,12 @@ def _summary(plan: RunPlan, committer: Committer, wall_s: float) -> Summary:
     return Summary(
         output=plan.config.output,
         rejected_output=plan.config.rejected_uri,
-        table_version=committer.main.version,
+        table_version=(committer.main.version or 0) + 1,
         rows_read=counts.rows_embedded + counts.rows_rejected,
         rows_embedded=counts.rows_embedded,
         rows_rejected=counts.rows_rejected,
         rows_truncated=counts.rows_truncated,
+        resumed_units_done=len(plan.resumed.done) if plan.resumed else 0,
         tokens=counts.tokens,
         processed_tokens=counts.processed_tokens,
         padding_efficiency=counts.tokens / counts.processed_tokens if counts.processed_tokens

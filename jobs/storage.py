@@ -194,3 +194,16 @@ def lance_exists(uri: str, options: Mapping[str, str]) -> bool:
     except OSError as exc:
         raise StorageError(f"cannot check output {uri!r}: {exc}") from exc
     return len(info) > 0
+
+
+def file_fingerprints(uris: list[str], options: Mapping[str, str]) -> dict[str, str]:
+    """``size:mtime`` of each file (Lance fragments: ``fragment``), to notice changed input."""
+    files = [u for u in uris if "#" not in u]
+    found: dict[str, str] = {u: "fragment" for u in uris if "#" in u}
+    if files:
+        fs = pyarrow_filesystem(files[0], options)
+        infos = fs.get_file_info([strip_scheme(u) for u in files])
+        for uri, info in zip(files, infos, strict=True):
+            mtime = info.mtime_ns if info.mtime_ns is not None else ""
+            found[uri] = f"{info.size}:{mtime}"
+    return found

@@ -26,6 +26,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("rows_truncated", pa.int64()),
         pa.field("tokens", pa.int64()),
         pa.field("processed_tokens", pa.int64()),
+        pa.field("units", pa.list_(pa.string())),
+        pa.field("unit_rows", pa.list_(pa.int64())),
     ]
 )
 
@@ -59,6 +61,9 @@ def main_schema(
         pa.field("truncated", pa.bool_()),
         pa.field("content_hash", pa.string()),
         *keep,
+        # lineage: lets a resumed run delete exactly the rows of unfinished input units
+        pa.field("source_file", pa.string()),
+        pa.field("source_row", pa.int64()),
     ]
     return pa.schema(fields, metadata=dict(metadata))
 
@@ -81,6 +86,7 @@ def write_block(
     tokens = pc.sum(accepted.column("n_tokens")).as_py() or 0
     processed = pc.sum(accepted.column("_processed_tokens")).as_py() or 0
     truncated = pc.sum(accepted.column("truncated").cast(pa.int64())).as_py() or 0
+    units = pc.value_counts(table.column("_source")).to_pylist() if table.num_rows else []
     row = {
         "main_fragments": [main],
         "rejected_fragments": [rejects],
@@ -89,6 +95,8 @@ def write_block(
         "rows_truncated": [truncated],
         "tokens": [tokens],
         "processed_tokens": [processed],
+        "units": [[u["values"] for u in units]],
+        "unit_rows": [[u["counts"] for u in units]],
     }
     return pa.table(row, schema=RESULT_SCHEMA)
 
@@ -100,9 +108,11 @@ def _write(table: pa.Table, uri: str, schema: pa.Schema, options: dict) -> list[
     return writer(table).column("fragment").to_pylist()
 
 
+LINEAGE = {"id": "_id", "source_file": "_source", "source_row": "_row"}
+
+
 def _to_main(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    columns = {"id": table.column("_id")}
-    columns.update({name: table.column(name) for name in schema.names if name != "id"})
+    columns = {name: table.column(LINEAGE.get(name, name)) for name in schema.names}
     return pa.table(columns).cast(schema)
 
 

@@ -82,7 +82,8 @@ def test_s3_corpus_to_s3_lance_exactly_once_and_equal_to_encode_alone(
     assert table.schema.field("id").type == pa.int64()
     assert table.schema.field("vector").type == pa.list_(pa.float32(), 64)
     assert set(table.schema.names) == {"id", "vector", "vector_16", "vector_8", "n_tokens",
-                                       "truncated", "content_hash", "lang"}
+                                       "truncated", "content_hash", "lang", "source_file",
+                                       "source_row"}
     expected = _reference(embedder, rows)
     got = vectors_by_id(table)
     assert max(np.abs(got[i] - expected[i]).max() for i in expected) < 1e-5
@@ -116,6 +117,10 @@ def test_s3_corpus_to_s3_lance_exactly_once_and_equal_to_encode_alone(
     assert summary.tokens == sum(table.column("n_tokens").to_pylist())
     assert 0 < summary.padding_efficiency <= 1
     assert summary.table_version == dataset.version
+    last_run = json.loads(dataset.metadata["embedjob.last_run"])
+    assert last_run["rows_embedded"] == 80 and last_run["table_version"] == dataset.version
+    progress = json.loads(dataset.metadata["embedjob.progress"])
+    assert progress["complete"] and len(progress["done"]) == 3
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["rows_embedded"] == 80 and written["output"] == out
     assert written["padding_efficiency"] == pytest.approx(summary.padding_efficiency)
