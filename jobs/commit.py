@@ -82,13 +82,15 @@ class Counts:
 
     rows_embedded: int = 0
     rows_rejected: int = 0
+    rows_unchanged: int = 0
+    rows_changed: int = 0
     rows_truncated: int = 0
     tokens: int = 0
     processed_tokens: int = 0
 
     def add(self, result: pa.Table) -> None:
-        for name in ("rows_embedded", "rows_rejected", "rows_truncated", "tokens",
-                     "processed_tokens"):
+        for name in ("rows_embedded", "rows_rejected", "rows_unchanged", "rows_changed",
+                     "rows_truncated", "tokens", "processed_tokens"):
             setattr(self, name, getattr(self, name) + sum(result.column(name).to_pylist()))
 
 

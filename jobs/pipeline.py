@@ -22,7 +22,10 @@ ARROW = "pyarrow"
 
 
 def build(
-    plan: RunPlan, registry: ray.actor.ActorHandle, tracker: ray.actor.ActorHandle
+    plan: RunPlan,
+    registry: ray.actor.ActorHandle,
+    tracker: ray.actor.ActorHandle,
+    compare_with=None,
 ) -> ray.data.Dataset:
     """The lazy dataset whose rows are write-stage results (fragments + counts)."""
     cfg, opts = plan.config, plan.storage_options
@@ -39,7 +42,7 @@ def build(
     tokens = rows.map_batches(
         tokenize_batch,
         fn_kwargs={"spec": plan.spec, "task": plan.task, "storage_options": opts,
-                   "registry": registry},
+                   "registry": registry, "compare": compare_with},
         # never gather more rows than a window sorts: Ray fuses this with the bucket stage
         batch_size=min(cfg.tokenize_batch_rows, cfg.window_rows), batch_format=ARROW,
         num_cpus=cpu,
@@ -67,6 +70,7 @@ def build(
     return vectors.map_batches(
         write_block,
         fn_kwargs={"output": cfg.output, "rejected_output": cfg.rejected_uri,
-                   "schema": plan.schema, "storage_options": opts},
+                   "schema": plan.schema, "storage_options": opts,
+                   "replace_schema": plan.recreate_output},
         batch_size=cfg.write_batch_rows, batch_format=ARROW, num_cpus=cpu,
     )

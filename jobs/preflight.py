@@ -59,13 +59,7 @@ def plan_run(config: EmbedConfig) -> RunPlan:
             f"input {config.input!r} matched no {fmt} files "
             f"(looked for names ending in {list(read.SUFFIXES[fmt])})"
         )
-    filesystem = storage.s3fs_filesystem(options) if storage.is_s3(config.model) else None
-    spec = load_spec(config.model, filesystem=filesystem)
-    task = config.task if config.task is not None else spec.default_task
-    spec.check_task(task)
-    for dim in config.dims:
-        spec.check_dim(dim)
-    dims = (spec.hidden_size, *(d for d in config.dims if d != spec.hidden_size))
+    spec, task, dims = _model_plan(config, options)
     read_spec, keep_fields = _read_spec(config, fmt, units, options)
     key = run_key({"input": config.input, "format": fmt, "weights": spec.fingerprint,
                    "task": task, "dims": dims, "id": config.id_column,
@@ -175,6 +169,25 @@ def _plain(found: pa.DataType) -> pa.DataType:
     if pa.types.is_dictionary(found):
         return found.value_type
     return pa.string() if pa.types.is_null(found) else found
+
+
+def _model_plan(
+    config: EmbedConfig, options: dict[str, str]
+) -> tuple[ModelSpec, str | None, tuple[int, ...]]:
+    """The model's spec, the task (default filled in) and every stored dim, full one first."""
+    filesystem = storage.s3fs_filesystem(options) if storage.is_s3(config.model) else None
+    spec = load_spec(config.model, filesystem=filesystem)
+    task = config.task if config.task is not None else spec.default_task
+    spec.check_task(task)
+    for dim in config.dims:
+        spec.check_dim(dim)
+    return spec, task, (spec.hidden_size, *(d for d in config.dims if d != spec.hidden_size))
+
+
+def plan_stamp(config: EmbedConfig) -> dict[str, str]:
+    """The stamp a run of ``config`` would write (reads the model's config, no weights)."""
+    options = storage.resolve_storage_options(config.storage_options)
+    return _stamp(config, *_model_plan(config, options))
 
 
 def _stamp(

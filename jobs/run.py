@@ -29,6 +29,10 @@ class Summary:
     rows_read: int
     rows_embedded: int
     rows_rejected: int
+    rows_unchanged: int
+    rows_new: int
+    rows_changed: int
+    rows_deleted: int
     rows_truncated: int
     resumed_units_done: int
     tokens: int
@@ -43,15 +47,21 @@ class Summary:
     def line(self) -> str:
         return (
             f"embedded {self.rows_embedded}/{self.rows_read} rows "
-            f"({self.rows_rejected} rejected, {self.rows_truncated} truncated), "
+            f"({self.rows_rejected} rejected, {self.rows_truncated} truncated, "
+            f"{self.rows_unchanged} unchanged, {self.rows_deleted} deleted), "
             f"{self.tokens} tokens, padding efficiency {self.padding_efficiency:.3f}, "
             f"{self.tokens_per_s:.0f} tokens/s, {self.wall_s:.1f} s, {self.commits} commits "
             f"-> {self.output} (version {self.table_version})"
         )
 
 
-def run(config: EmbedConfig) -> Summary:
+def run(config: EmbedConfig, *, compare_with=None, registry=None) -> Summary:
     """Run one embed job to completion.
+
+    Args:
+        config: The job.
+        compare_with: A refresh's ``ExistingRows``: rows it holds unchanged are skipped.
+        registry: The run's ``IdRegistry`` when the caller needs it afterwards.
 
     Raises:
         EmbedError: a configuration or storage problem, before any model loads.
@@ -59,11 +69,11 @@ def run(config: EmbedConfig) -> Summary:
     started = time.monotonic()
     plan = plan_run(config)
     _init_ray(config)
-    registry = validate.IdRegistry.remote()
+    registry = registry or new_registry()
     committer = _committer(plan)
     seeded = _prepare_resume(plan, committer, registry) if plan.resumed else 0
     if plan.units:
-        results = pipeline.build(plan, registry, committer.tracker)
+        results = pipeline.build(plan, registry, committer.tracker, compare_with)
         for result in results.iter_batches(batch_size=None, batch_format="pyarrow"):
             committer.add(result)
     _check_one_to_one(committer, registry, seeded)
@@ -78,8 +88,13 @@ def run(config: EmbedConfig) -> Summary:
         )
     logger.info("%s", summary.line())
     if config.summary_json:
-        _write_json(config.summary_json, asdict(summary))
+        write_json(config.summary_json, asdict(summary))
     return summary
+
+
+def new_registry():
+    """The run-wide registry of claimed ids (a Ray actor)."""
+    return validate.IdRegistry.remote()
 
 
 def _init_ray(config: EmbedConfig) -> None:
@@ -129,7 +144,7 @@ def _prepare_resume(plan: RunPlan, committer: Committer, registry) -> int:
 def _check_one_to_one(committer: Committer, registry, seeded: int) -> None:
     """Every id the registry handed out was embedded exactly once."""
     claimed = ray.get(registry.size.remote())
-    embedded = committer.counts.rows_embedded + seeded
+    embedded = committer.counts.rows_embedded + committer.counts.rows_unchanged + seeded
     if claimed != embedded:
         raise PipelineInvariantError(
             f"{claimed} distinct valid ids were read but {embedded} rows were embedded; "
@@ -143,9 +158,13 @@ def _summary(plan: RunPlan, committer: Committer, wall_s: float) -> Summary:
         output=plan.config.output,
         rejected_output=plan.config.rejected_uri,
         table_version=(committer.main.version or 0) + 1,
-        rows_read=counts.rows_embedded + counts.rows_rejected,
+        rows_read=counts.rows_embedded + counts.rows_rejected + counts.rows_unchanged,
         rows_embedded=counts.rows_embedded,
         rows_rejected=counts.rows_rejected,
+        rows_unchanged=counts.rows_unchanged,
+        rows_new=counts.rows_embedded - counts.rows_changed,
+        rows_changed=counts.rows_changed,
+        rows_deleted=0,
         rows_truncated=counts.rows_truncated,
         resumed_units_done=len(plan.resumed.done) if plan.resumed else 0,
         tokens=counts.tokens,
@@ -160,7 +179,7 @@ def _summary(plan: RunPlan, committer: Committer, wall_s: float) -> Summary:
     )
 
 
-def _write_json(path: str, payload: dict) -> None:
+def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2)

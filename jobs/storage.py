@@ -11,6 +11,8 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import posixpath
+import uuid
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
@@ -207,3 +209,96 @@ def file_fingerprints(uris: list[str], options: Mapping[str, str]) -> dict[str, 
             mtime = info.mtime_ns if info.mtime_ns is not None else ""
             found[uri] = f"{info.size}:{mtime}"
     return found
+
+
+def remove_tree(uri: str, options: Mapping[str, str]) -> None:
+    """Delete a directory / prefix and everything under it (missing is fine)."""
+    fs = pyarrow_filesystem(uri, options)
+    path = strip_scheme(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def validate_output_uri(uri: str, *, input_uri: str | None = None, label: str = "output") -> str:
+    """Check that a location the job writes to is exactly where the user pointed.
+
+    Rules: a local path or ``s3://bucket/key`` (no other scheme); no backslashes or control
+    characters; an ``s3://`` key has no ``.``, ``..`` or empty segments (clients normalize
+    them differently, so the object written could differ from the one named or leave the
+    prefix; local paths are resolved with ``os.path.abspath`` like every local path here)
+    and names something below the bucket, not the bucket; never the input itself, inside
+    the input location, or a parent of it (a run must not write into what it reads).
+
+    Args:
+        uri: The output or rejected-output URI.
+        input_uri: The job's input (a file, directory/prefix or glob).
+        label: What ``uri`` is, for messages ("output", "rejected_output").
+
+    Returns:
+        ``uri`` unchanged.
+
+    Raises:
+        ConfigError: naming the rule ``uri`` breaks.
+    """
+    scheme, sep, _ = uri.partition("://")
+    if sep and not is_s3(uri):
+        raise ConfigError(
+            f"{label} {uri!r}: scheme {scheme + '://'!r} not in ['s3://', 'a local path']"
+        )
+    path = uri.split("://", 1)[1] if sep else uri
+    bad = [c for c in path if ord(c) < 32 or ord(c) == 127 or c == "\\"]
+    if bad:
+        raise ConfigError(f"{label} {uri!r} contains {bad[0]!r}; control characters and "
+                          "backslashes are not allowed in output paths")
+    segments = path.rstrip("/").split("/")
+    for segment in segments if sep else []:
+        if segment in ("", ".", ".."):
+            raise ConfigError(f"{label} {uri!r} has a {segment or 'empty'!r} key segment; "
+                              "write the normalized key (no '.', '..' or '//')")
+    if sep and len(segments) < 2:
+        raise ConfigError(f"{label} {uri!r} is a bucket; name a dataset inside it, "
+                          f"e.g. {uri.rstrip('/')}/vectors.lance")
+    if input_uri is not None:
+        _check_apart(uri, input_uri, label)
+    return uri
+
+
+def _check_apart(uri: str, input_uri: str, label: str) -> None:
+    """The output must not overlap the input location (in either direction)."""
+    if is_s3(uri) != is_s3(input_uri):
+        return
+    wild = min((i for i in (input_uri.find(c) for c in "*?[") if i >= 0), default=-1)
+    # a glob's base is the directory before its first wildcard
+    base = _normalized(input_uri if wild < 0 else input_uri[:wild].rsplit("/", 1)[0])
+    out = _normalized(uri)
+    if out == base or out.startswith(base + "/") or base.startswith(out + "/"):
+        raise ConfigError(f"{label} {uri!r} overlaps the input {input_uri!r}; "
+                          "write outside the input location")
+
+
+def _normalized(uri: str) -> str:
+    path = strip_scheme(uri) if is_s3(uri) else os.path.abspath(uri)
+    return posixpath.normpath(path).rstrip("/")
+
+
+def check_writable(uri: str, options: Mapping[str, str]) -> None:
+    """Fail early when nothing can be written where ``uri`` lives.
+
+    Writes and deletes one small object beside ``uri`` (``<parent>/.embedjob-probe-<uuid>``),
+    so a read-only credential, a missing bucket or an unwritable directory fails before any
+    model loads.
+    """
+    fs = pyarrow_filesystem(uri, options)
+    parent = posixpath.dirname(strip_scheme(uri).rstrip("/"))
+    probe = f"{parent}/.embedjob-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        if not is_s3(uri):
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(probe) as handle:
+            handle.write(b"probe")
+        fs.delete_file(probe)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot write to the location of {uri!r}"
+            f"{' at ' + _endpoint_hint(options) if is_s3(uri) else ''}: {exc}"
+        ) from exc

@@ -40,16 +40,26 @@ def tokenize_batch(
     task: str | None,
     storage_options: Mapping[str, str],
     registry,
+    compare=None,
 ) -> pa.Table:
-    """``map_batches`` body: add input_ids / n_tokens / truncated / content_hash, drop text."""
+    """``map_batches`` body: add input_ids / n_tokens / truncated / content_hash, drop text.
+
+    With ``compare`` (a refresh's ``ExistingRows``), rows the output already holds with
+    the same content hash are marked unchanged and not tokenized; ``_changed`` flags rows
+    whose id exists with another hash.
+    """
     reasons = validate.check_rows(table, registry)
     texts = table.column("_text").to_pylist()
-    ok = [i for i, r in enumerate(reasons) if r is None]
     n = table.num_rows
+    hashes = [validate.content_hash(t) if r is None else None for t, r in zip(texts, reasons,
+                                                                               strict=True)]
+    changed = [False] * n
+    if compare is not None:
+        changed = compare.mark(table.column("_id").to_pylist(), hashes, reasons)
+    ok = [i for i, r in enumerate(reasons) if r is None]
     ids: list[np.ndarray | None] = [None] * n
     n_tokens = np.zeros(n, np.int32)
     truncated = np.zeros(n, bool)
-    hashes: list[str | None] = [None] * n
     if ok:
         options_json = json.dumps(dict(storage_options), sort_keys=True)
         tokenized = _tokenizer(spec, options_json).tokenize([texts[i] for i in ok], task)
@@ -57,7 +67,6 @@ def tokenize_batch(
             ids[i] = tokenized.ids[j]
             n_tokens[i] = len(tokenized.ids[j])
             truncated[i] = bool(tokenized.truncated[j])
-            hashes[i] = validate.content_hash(texts[i])
     out = table.drop_columns(["_text", "_reject"])
     return (
         out.append_column("_reject", pa.array(reasons, pa.string()))
@@ -65,6 +74,7 @@ def tokenize_batch(
         .append_column("n_tokens", pa.array(n_tokens, pa.int32()))
         .append_column("truncated", pa.array(truncated, pa.bool_()))
         .append_column("content_hash", pa.array(hashes, pa.string()))
+        .append_column("_changed", pa.array(changed, pa.bool_()))
     )
 
 

@@ -7,6 +7,7 @@ reason, and the write stage puts it in the rejected table. Nothing is dropped si
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 
 import pyarrow as pa
 import ray
@@ -16,7 +17,11 @@ NULL_ID = "id is null"
 NULL_TEXT = "text is null"
 EMPTY_TEXT = "text is empty"
 BLANK_TEXT = "text is whitespace only"
+INVISIBLE_TEXT = "text has no visible characters"
 DUPLICATE_ID = "id already seen in this run"
+# Unicode categories that print nothing: controls (NUL, ESC, ...), format characters
+# (zero-width space/joiners, right-to-left and left-to-right marks, BOM) and separators.
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
 
 
 @ray.remote(num_cpus=0)
@@ -39,8 +44,19 @@ class IdRegistry:
             won.append(owner == claimant)
         return won
 
+    def release(self, ids: list, claimants: list[int]) -> None:
+        """Give ids back when the rows that won them were rejected later (encode: out of
+        memory); only the same claimant can release, so a retried call is harmless."""
+        for key, claimant in zip(ids, claimants, strict=True):
+            if self._owner.get(key) == claimant:
+                del self._owner[key]
+
     def size(self) -> int:
         return len(self._owner)
+
+    def contains(self, ids: list) -> list[bool]:
+        """For each id: whether some row of this run claimed it."""
+        return [key in self._owner for key in ids]
 
 
 def row_key(source: str, row: int) -> int:
@@ -50,14 +66,27 @@ def row_key(source: str, row: int) -> int:
 
 
 def text_reason(text: str | None) -> str | None:
-    """Why a text cannot be embedded, or None when it can."""
+    """Why a text cannot be embedded, or None when it can.
+
+    A text with at least one visible character is embedded as it is (NUL and other control
+    characters included: the tokenizer's normalizer drops them). One made only of
+    whitespace is "whitespace only"; one made only of controls, zero-width and direction
+    marks and separators is "no visible characters".
+    """
     if text is None:
         return NULL_TEXT
     if not text:
         return EMPTY_TEXT
     if not text.strip():
         return BLANK_TEXT
+    if not has_visible(text):
+        return INVISIBLE_TEXT
     return None
+
+
+def has_visible(text: str) -> bool:
+    """Whether any character prints something; stops at the first one that does."""
+    return any(unicodedata.category(ch) not in INVISIBLE_CATEGORIES for ch in text)
 
 
 def check_rows(table: pa.Table, registry) -> list[str | None]:

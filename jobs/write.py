@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from lance_ray import LanceFragmentWriter
 
 from jobs import storage
+from jobs.refresh import UNCHANGED
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -23,6 +24,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("rejected_fragments", pa.list_(pa.binary())),
         pa.field("rows_embedded", pa.int64()),
         pa.field("rows_rejected", pa.int64()),
+        pa.field("rows_unchanged", pa.int64()),
+        pa.field("rows_changed", pa.int64()),
         pa.field("rows_truncated", pa.int64()),
         pa.field("tokens", pa.int64()),
         pa.field("processed_tokens", pa.int64()),
@@ -75,13 +78,19 @@ def write_block(
     rejected_output: str,
     schema: pa.Schema,
     storage_options: Mapping[str, str],
+    replace_schema: bool = False,
 ) -> pa.Table:
-    """``map_batches`` body: write both fragments, return one result row."""
+    """``map_batches`` body: write both fragments, return one result row.
+
+    ``replace_schema``: the output is being recreated over a table with another schema.
+    """
     options = storage.lance_options(storage_options)
-    is_rejected = pc.is_valid(table.column("_reject"))
-    accepted = table.filter(pc.invert(is_rejected))
+    reason = table.column("_reject")
+    unchanged = pc.fill_null(pc.equal(reason, UNCHANGED), False)
+    is_rejected = pc.and_(pc.is_valid(reason), pc.invert(unchanged))
+    accepted = table.filter(pc.is_null(reason))
     rejected = table.filter(is_rejected)
-    main = _write(_to_main(accepted, schema), output, schema, options)
+    main = _write(_to_main(accepted, schema), output, schema, options, replace_schema)
     rejects = _write(_to_rejected(rejected), rejected_output, REJECTED_SCHEMA, options)
     tokens = pc.sum(accepted.column("n_tokens")).as_py() or 0
     processed = pc.sum(accepted.column("_processed_tokens")).as_py() or 0
@@ -92,6 +101,8 @@ def write_block(
         "rejected_fragments": [rejects],
         "rows_embedded": [accepted.num_rows],
         "rows_rejected": [rejected.num_rows],
+        "rows_unchanged": [pc.sum(unchanged.cast(pa.int64())).as_py() or 0],
+        "rows_changed": [pc.sum(accepted.column("_changed").cast(pa.int64())).as_py() or 0],
         "rows_truncated": [truncated],
         "tokens": [tokens],
         "processed_tokens": [processed],
@@ -101,9 +112,20 @@ def write_block(
     return pa.table(row, schema=RESULT_SCHEMA)
 
 
-def _write(table: pa.Table, uri: str, schema: pa.Schema, options: dict) -> list[bytes]:
+def _write(
+    table: pa.Table, uri: str, schema: pa.Schema, options: dict, replace_schema: bool = False
+) -> list[bytes]:
+    """Uncommitted fragments, pickled. lance_ray's writer always writes in append mode,
+    which refuses a schema other than the existing table's; when the run replaces that
+    schema (overwrite, stamp migration), pylance's own writer is told so."""
     if table.num_rows == 0:
         return []
+    if replace_schema:
+        from lance.fragment import write_fragments
+
+        fragments = write_fragments(table, uri, schema=schema, mode="overwrite",
+                                    storage_options=options)
+        return [pickle.dumps(fragment) for fragment in fragments]
     writer = LanceFragmentWriter(uri, schema=schema, storage_options=options)
     return writer(table).column("fragment").to_pylist()
 
