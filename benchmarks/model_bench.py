@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import lzma
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,33 +29,22 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from jobs.bench import (  # noqa: E402
+    CONFIGS,
+    FLOPS_FORMULA,
+    Shape,
+    forward_flops,
+    nonembedding_params,
+    peak_tflops,
+    tokenizer_dir,
+)
 from model.embedder import Embedder  # noqa: E402
 from model.spec import ModelSpec  # noqa: E402
 
 logger = logging.getLogger("model_bench")
 
-DEFAULT_TOKENIZER = REPO / "jobs" / "data" / "xlm-roberta"
-FALLBACK_TOKENIZER = Path("/work/shared/tokenizers/xlm-roberta")
 CORPORA = (Path("/work/shared/corpora/brown/brown.parquet"), REPO / "jobs" / "data" /
            "udhr_sample.parquet")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Shape:
-    """Encoder size; vocab 250002 and rotary positions as in jina-embeddings-v3."""
-
-    layers: int
-    hidden: int
-    heads: int
-    ffn: int
-
-
-CONFIGS: dict[str, Shape] = {
-    "full": Shape(layers=24, hidden=1024, heads=16, ffn=4096),  # jina-embeddings-v3
-    "small": Shape(layers=6, hidden=384, heads=6, ffn=1536),  # CPU-sized
-}
-# Dense bf16 peak TFLOP/s per GPU (vendor datasheets); --peak-tflops overrides.
-PEAK_BF16_TFLOPS: dict[str, float] = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help=f"XLM-R tokenizer dir (default {DEFAULT_TOKENIZER})")
+                   help="XLM-R tokenizer dir (default: jobs/data/xlm-roberta, decompressed)")
     p.add_argument("--corpus", type=Path, default=None, help="parquet with a text column")
     p.add_argument("--text-column", default="text")
     p.add_argument("--join", type=int, default=4, help="consecutive rows joined per text")
@@ -81,26 +68,14 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def tokenizer_dir(arg: Path | None) -> Path:
-    """--tokenizer, else jobs/data/xlm-roberta, else the shared copy (with a message)."""
-    for candidate in ([arg] if arg else [DEFAULT_TOKENIZER, FALLBACK_TOKENIZER]):
-        if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer.json.xz").is_file():
-            if candidate == FALLBACK_TOKENIZER:
-                logger.warning("%s not found; using %s", DEFAULT_TOKENIZER, FALLBACK_TOKENIZER)
-            return candidate
-    raise SystemExit(f"no XLM-R tokenizer.json(.xz) in {arg or DEFAULT_TOKENIZER} or "
-                     f"{FALLBACK_TOKENIZER}; pass --tokenizer PATH")
-
-
-def load_tokenizer(directory: Path):
-    """tokenizers.Tokenizer from tokenizer.json or tokenizer.json.xz."""
+def load_tokenizer(arg: Path | None):
+    """tokenizers.Tokenizer from --tokenizer, else the shipped XLM-R (decompressed, cached)."""
     from tokenizers import Tokenizer
 
-    plain = directory / "tokenizer.json"
-    if plain.is_file():
-        return Tokenizer.from_file(str(plain))
-    with lzma.open(directory / "tokenizer.json.xz", "rt", encoding="utf-8") as f:
-        return Tokenizer.from_str(f.read())
+    directory = arg or tokenizer_dir()
+    if not (directory / "tokenizer.json").is_file():
+        raise SystemExit(f"no tokenizer.json in {directory}; pass --tokenizer PATH")
+    return Tokenizer.from_file(str(directory / "tokenizer.json")), directory
 
 
 def corpus_texts(arg: Path | None, column: str, join: int, n: int) -> tuple[list[str], Path]:
@@ -154,17 +129,6 @@ def random_embedder(shape: Shape, device: torch.device, dtype: torch.dtype,
                     position_offset=0)
 
 
-def nonembedding_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
-
-
-def peak_tflops(arg: float | None, device: torch.device) -> float | None:
-    if arg is not None or device.type != "cuda":
-        return arg
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-
-
 def run(emb: Embedder, ids: list[np.ndarray], batches: list[list[int]], packed: bool,
         warmup: int) -> float:
     """Seconds for all batches after ``warmup`` untimed ones."""
@@ -188,9 +152,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     shape = CONFIGS[args.config]
-    tok_dir = tokenizer_dir(args.tokenizer)
+    tokenizer, tok_dir = load_tokenizer(args.tokenizer)
     texts, corpus = corpus_texts(args.corpus, args.text_column, args.join, args.texts)
-    ids = token_ids(load_tokenizer(tok_dir), texts, args.max_tokens)
+    ids = token_ids(tokenizer, texts, args.max_tokens)
     lengths = [len(x) for x in ids]
     batches = plan(lengths, args.max_tokens_per_batch, args.packed)
     emb = random_embedder(shape, device, dtype, args.max_tokens)
@@ -199,8 +163,9 @@ def main() -> None:
     tokens = sum(lengths)
     computed = tokens if args.packed else sum(len(b) * max(lengths[i] for i in b) for b in batches)
     params = nonembedding_params(emb.model)
-    flops = sum(n * (2 * params + 4 * shape.layers * n * shape.hidden) for n in lengths)
-    peak = peak_tflops(args.peak_tflops, device)
+    flops = forward_flops(np.array(lengths), shape, params)
+    peak = peak_tflops(args.peak_tflops,
+                       torch.cuda.get_device_name(device) if device.type == "cuda" else "")
     result = {
         "config": args.config, **vars(shape), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -211,7 +176,7 @@ def main() -> None:
         "tokens_per_s": round(tokens / seconds, 1),
         "padding_efficiency": round(tokens / computed, 4),
         "params_nonembedding": params,
-        "flops_per_token_formula": "2 * params_nonembedding + 4 * layers * seq * hidden",
+        "flops_per_token_formula": FLOPS_FORMULA,
         "tflops_achieved": round(flops / seconds / 1e12, 3),
         "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
         "peak_tflops": peak, "tokenizer": str(tok_dir), "corpus": str(corpus),

@@ -13,9 +13,14 @@ from model.errors import EmbedError
 logger = logging.getLogger("embedjob")
 
 
-def _embed_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="embed a corpus into a Lance table",
-                       argument_default=argparse.SUPPRESS)
+def _embed_parser(sub: argparse._SubParsersAction, name: str = "embed") -> None:
+    """``embed`` and ``refresh`` take the same options (refresh adds --keep-deleted)."""
+    helps = {"embed": "embed a corpus into a Lance table",
+             "refresh": "re-embed only new and changed rows, delete gone ones"}
+    p = sub.add_parser(name, help=helps[name], argument_default=argparse.SUPPRESS)
+    if name == "refresh":
+        p.add_argument("--keep-deleted", dest="keep_deleted", action="store_true",
+                       help="keep rows whose ids are gone from the corpus")
     p.add_argument("--config", help="YAML file with the same keys as these options")
     p.add_argument("--input", help="file, directory/prefix or glob; local or s3://")
     p.add_argument("--format", choices=FORMATS, help="input format (default: from extension)")
@@ -45,10 +50,144 @@ def _embed_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", dest="ray_address")
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    from jobs.bench import CONFIGS, RUNS, TASKS, BenchConfig
+
+    d = BenchConfig()
+    p = sub.add_parser("bench", help="benchmark: this pipeline vs the naive Ray Data recipe vs "
+                       "the model-only bound (last line: one JSON object)")
+    p.add_argument("--rows", type=int, default=d.rows, help="corpus rows")
+    p.add_argument("--seed", type=int, default=d.seed, help="corpus seed")
+    p.add_argument("--long-fraction", dest="long_fraction", type=float,
+                   default=d.long_fraction, help="rows of 7000-8190 tokens")
+    p.add_argument("--files", type=int, default=d.files, help="parquet files of the corpus")
+    p.add_argument("--model-config", dest="config", choices=list(CONFIGS), default=None,
+                   help="random-weight jina-v3 shape (default: tiny on cpu, full on cuda)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=d.device)
+    p.add_argument("--threads", type=int, default=None, help="encoder threads (default: all)")
+    p.add_argument("--task", choices=TASKS, default=d.task)
+    p.add_argument("--max-tokens-per-batch", dest="max_tokens_per_batch", type=int,
+                   default=d.max_tokens_per_batch)
+    p.add_argument("--window-rows", dest="window_rows", type=int, default=d.window_rows)
+    p.add_argument("--naive-batch-rows", dest="naive_batch_rows", type=int,
+                   default=d.naive_batch_rows)
+    p.add_argument("--num-actors", dest="num_actors", type=int, default=d.num_actors)
+    p.add_argument("--vector-dtype", dest="vector_dtype", choices=VECTOR_DTYPES,
+                   default=d.vector_dtype)
+    p.add_argument("--packed", action="store_true")
+    p.add_argument("--runs", type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
+                   default=d.runs, help="comma-separated subset of " + ",".join(RUNS))
+    p.add_argument("--scaling", action="store_true",
+                   help="also: 2 encode actors, and driver RSS at 1x vs 10x rows")
+    p.add_argument("--workdir", help="keep corpus and outputs here (default: a temp dir)")
+    p.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=None,
+                   help="GPU dense bf16 peak (default: from the device name)")
+
+
+def _read_side_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", help="the output Lance table, local or s3://")
+    p.add_argument("--storage-option", dest="storage_option", action="append", default=[],
+                   metavar="KEY=VALUE", help="Lance/object_store key, repeatable")
+
+
+def _info_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="rows, versions, stamp, bytes per column, rejected rows, "
+                       "last run of an output table")
+    _read_side_options(p)
+    p.add_argument("--json", action="store_true", help="print the info as JSON")
+
+
+def _index_parser(sub: argparse._SubParsersAction) -> None:
+    from jobs.search import INDEX_TYPES
+
+    p = sub.add_parser("index", help="build a cosine vector index on a vector column")
+    _read_side_options(p)
+    p.add_argument("--column", default="vector", help="vector or vector_<d>")
+    p.add_argument("--type", dest="index_type", choices=INDEX_TYPES, default="IVF_PQ")
+    p.add_argument("--num-partitions", dest="num_partitions", type=int,
+                   help="IVF partitions (default round(sqrt(rows)))")
+    p.add_argument("--num-sub-vectors", dest="num_sub_vectors", type=int,
+                   help="PQ sub-vectors (default dim/16, else dim/8, ...)")
+
+
+def _search_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="embed a query as the table's queries are meant to be "
+                       "embedded and print the nearest rows")
+    _read_side_options(p)
+    p.add_argument("query", help="query text")
+    p.add_argument("--column", default="vector", help="vector or vector_<d>")
+    p.add_argument("-k", type=int, default=10, help="rows to return")
+    p.add_argument("--show", default="", help="comma-separated columns to print")
+    p.add_argument("--model", help="query model (default: the table's embedjob.model_source)")
+    p.add_argument("--nprobes", type=int, help="IVF partitions to probe")
+    p.add_argument("--refine-factor", dest="refine_factor", type=int,
+                   help="re-rank k x this many index candidates exactly")
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    from jobs.evaluate import DATASETS
+
+    p = sub.add_parser("eval", help="retrieval quality of every vector column on real data "
+                       "(eval.json + eval.png)")
+    p.add_argument("--dataset", action="append", choices=list(DATASETS), required=True,
+                   help="repeatable")
+    p.add_argument("--model", required=True, help="local dir, s3:// prefix or hub id")
+    p.add_argument("--output-dir", dest="output_dir", required=True)
+    p.add_argument("--work-dir", dest="work_dir", help="keep corpus tables here")
+    p.add_argument("--dims", default="", help="dims to store (default: every Matryoshka dim)")
+    p.add_argument("--vector-dtype", dest="vector_dtype", choices=VECTOR_DTYPES,
+                   default="float32")
+    p.add_argument("--num-actors", dest="num_actors", type=int, default=1)
+
+
+def _storage(args: argparse.Namespace) -> dict[str, str]:
+    return dict(parse_storage_option(p) for p in args.storage_option)
+
+
+def _info(args: argparse.Namespace) -> None:
+    from jobs.inspect import format_info, table_info
+
+    info = table_info(args.output, _storage(args))
+    print(info.to_json() if args.json else format_info(info))
+
+
+def _index(args: argparse.Namespace) -> None:
+    from jobs.search import build_index
+
+    plan = build_index(args.output, column=args.column, index_type=args.index_type,
+                       num_partitions=args.num_partitions, num_sub_vectors=args.num_sub_vectors,
+                       storage_options=_storage(args))
+    print(f"built {plan.index_type} ({plan.metric}) on {plan.column} (dim {plan.dim}, "
+          f"{plan.rows} rows): {plan.num_partitions} partitions, "
+          f"{plan.num_sub_vectors} sub-vectors")
+
+
+def _search(args: argparse.Namespace) -> None:
+    from jobs.search import format_results, search
+
+    show = tuple(c.strip() for c in args.show.split(",") if c.strip())
+    found = search(args.output, args.query, column=args.column, k=args.k, show=show,
+                   model=args.model, storage_options=_storage(args), nprobes=args.nprobes,
+                   refine_factor=args.refine_factor)
+    print(format_results(found))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from jobs.evaluate import EvalConfig, evaluate, format_report
+
+    report = evaluate(EvalConfig(
+        datasets=tuple(args.dataset), model=args.model, output_dir=args.output_dir,
+        work_dir=args.work_dir, dims=tuple(int(d) for d in args.dims.split(",") if d.strip()),
+        vector_dtype=args.vector_dtype, num_actors=args.num_actors,
+    ))
+    print(format_report(report))
+
+
 def embed_config(args: argparse.Namespace) -> EmbedConfig:
     """YAML values first, explicit flags over them."""
     values = vars(args).copy()
     values.pop("command", None)
+    values.pop("keep_deleted", None)
     merged = load_yaml(values.pop("config")) if "config" in values else {}
     pairs = values.pop("storage_option", [])
     merged.update(values)
@@ -61,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="embedjob", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _embed_parser(sub)
+    _embed_parser(sub, "refresh")
+    _bench_parser(sub)
+    _info_parser(sub)
+    _index_parser(sub)
+    _search_parser(sub)
+    _eval_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -72,6 +217,27 @@ def main(argv: list[str] | None = None) -> int:
             summary = run(embed_config(args))
             print(summary.line())
             print(_how_to_read(summary.output))
+        elif args.command == "refresh":
+            from jobs.refresh import refresh
+
+            summary = refresh(embed_config(args), keep_deleted=getattr(args, "keep_deleted",
+                                                                       False))
+            print(summary.line())
+        elif args.command == "bench":
+            import json
+
+            from jobs.bench import BenchConfig, bench
+
+            values = {k: v for k, v in vars(args).items() if k != "command"}
+            print(json.dumps(bench(BenchConfig(**values))))
+        elif args.command == "info":
+            _info(args)
+        elif args.command == "index":
+            _index(args)
+        elif args.command == "search":
+            _search(args)
+        elif args.command == "eval":
+            _eval(args)
     except EmbedError as exc:
         print(f"embedjob: error: {exc}", file=sys.stderr)
         return 2
