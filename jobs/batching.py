@@ -88,6 +88,12 @@ def _optimal_padded(lengths: np.ndarray, max_tokens: int, overhead: int) -> list
     return batches[::-1]
 
 
+def default_overhead_tokens(max_tokens: int, gpu: bool) -> int:
+    """Per-batch overhead for cutting: a CPU forward costs what its tokens cost (0); a GPU
+    forward also pays kernel launches, a few percent of a full batch (max_tokens // 16)."""
+    return max_tokens // 16 if gpu else 0
+
+
 def length_order(lengths: np.ndarray) -> np.ndarray:
     """Stable ascending sort order of a window's token lengths."""
     return np.argsort(lengths, kind="stable")

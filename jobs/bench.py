@@ -560,7 +560,7 @@ def _model_only(cfg: BenchConfig, corpus: Corpus, model: str) -> dict[str, Any]:
     import pyarrow.dataset as pds
     import torch
 
-    from jobs.batching import batch_cost, length_order, plan_batches
+    from jobs.batching import batch_cost, default_overhead_tokens, length_order, plan_batches
     from model import load_embedder
 
     if cfg.device == "cpu":
@@ -573,7 +573,9 @@ def _model_only(cfg: BenchConfig, corpus: Corpus, model: str) -> dict[str, Any]:
         window = ids[start: start + cfg.window_rows]
         order = length_order(np.array([len(x) for x in window]))
         lengths = np.array([len(window[i]) for i in order])
-        for run in plan_batches(lengths, cfg.max_tokens_per_batch, not cfg.packed):
+        overhead = default_overhead_tokens(cfg.max_tokens_per_batch, cfg.device == "cuda")
+        for run in plan_batches(lengths, cfg.max_tokens_per_batch, not cfg.packed,
+                                overhead_tokens=overhead):
             batches.append([window[i] for i in order[run.start: run.stop]])
     embedder.encode_ids(batches[0][:1], task=cfg.task, packed=cfg.packed)  # warm-up, untimed
     sync = torch.cuda.synchronize if cfg.device == "cuda" else (lambda: None)

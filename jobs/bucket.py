@@ -18,7 +18,9 @@ from jobs.validate import row_key
 BATCH_INDEX_BITS = 20  # batches per window < 2**20 (window_rows is capped at 2**20)
 
 
-def bucket_window(table: pa.Table, *, max_tokens: int, padded: bool) -> pa.Table:
+def bucket_window(
+    table: pa.Table, *, max_tokens: int, padded: bool, overhead_tokens: int | None = None
+) -> pa.Table:
     """``map_batches`` body over ``window_rows`` rows."""
     rejected = table.column("_reject").is_valid().to_numpy(zero_copy_only=False)
     lengths = table.column("n_tokens").to_numpy()
@@ -26,7 +28,8 @@ def bucket_window(table: pa.Table, *, max_tokens: int, padded: bool) -> pa.Table
     order = valid[length_order(lengths[valid])]
     batch_of = np.full(table.num_rows, -1, np.int64)
     base = _window_key(table) << BATCH_INDEX_BITS
-    for index, run in enumerate(plan_batches(lengths[order], max_tokens, padded)):
+    plan = plan_batches(lengths[order], max_tokens, padded, overhead_tokens=overhead_tokens)
+    for index, run in enumerate(plan):
         batch_of[order[run.start : run.stop]] = base | index
     final = np.concatenate([order, np.flatnonzero(rejected)])
     out = table.take(pa.array(final, pa.int64()))

@@ -53,6 +53,9 @@ class EmbedConfig:
             activations well inside a 24 GB GPU at bf16.
         window_rows: Rows sorted together by length before cutting batches. Bigger windows
             pad less but hold more rows in memory per bucket task.
+        batch_overhead_tokens: What one more forward costs, in tokens, when batches are cut
+            (see jobs.batching). None: 0 on CPU actors (a CPU forward costs what its tokens
+            cost), max_tokens_per_batch // 16 on GPU actors (launch overhead).
         num_actors: Encode actors (one per GPU, or CPU actors when gpus_per_actor is 0).
         gpus_per_actor: GPUs per encode actor; fractional allowed; 0 means CPU actors.
         cpus_per_actor: CPUs reserved per encode actor (its torch threads on CPU actors:
@@ -89,6 +92,7 @@ class EmbedConfig:
     keep_columns: tuple[str, ...] = ()
     max_tokens_per_batch: int = 16384
     window_rows: int = 16384
+    batch_overhead_tokens: int | None = None
     num_actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 0.5
@@ -143,6 +147,15 @@ class EmbedConfig:
             f"cannot infer the format of input {self.input!r} from its extension; "
             f"pass --format, one of {list(FORMATS)}"
         )
+
+    @property
+    def overhead_tokens(self) -> int:
+        """The per-batch overhead used to cut batches (see batch_overhead_tokens)."""
+        from jobs.batching import default_overhead_tokens
+
+        if self.batch_overhead_tokens is not None:
+            return self.batch_overhead_tokens
+        return default_overhead_tokens(self.max_tokens_per_batch, self.gpus_per_actor > 0)
 
     @property
     def rejected_uri(self) -> str:

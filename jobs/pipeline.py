@@ -49,7 +49,8 @@ def build(
     )
     buckets = tokens.map_batches(
         bucket_window,
-        fn_kwargs={"max_tokens": cfg.max_tokens_per_batch, "padded": not cfg.packed},
+        fn_kwargs={"max_tokens": cfg.max_tokens_per_batch, "padded": not cfg.packed,
+                   "overhead_tokens": cfg.overhead_tokens},
         batch_size=cfg.window_rows, batch_format=ARROW, num_cpus=cpu,
     )
     vectors = buckets.map_batches(

@@ -59,8 +59,8 @@ def plan_run(config: EmbedConfig) -> RunPlan:
             f"input {config.input!r} matched no {fmt} files "
             f"(looked for names ending in {list(read.SUFFIXES[fmt])})"
         )
-    spec, task, dims = _model_plan(config, options)
-    read_spec, keep_fields = _read_spec(config, fmt, units, options)
+    spec, task, dims = model_plan(config, options)
+    read_spec, keep_fields = read_spec_for(config, fmt, units, options)
     key = run_key({"input": config.input, "format": fmt, "weights": spec.fingerprint,
                    "task": task, "dims": dims, "id": config.id_column,
                    "text": config.text_column, "keep": config.keep_columns,
@@ -125,7 +125,7 @@ def _check_output(config: EmbedConfig, options: dict[str, str]) -> bool:
     return config.mode == "overwrite" or not exists
 
 
-def _read_spec(
+def read_spec_for(
     config: EmbedConfig, fmt: str, units: list[str], options: dict[str, str]
 ) -> tuple[read.ReadSpec, list[pa.Field]]:
     probe = read.ReadSpec(
@@ -171,7 +171,7 @@ def _plain(found: pa.DataType) -> pa.DataType:
     return pa.string() if pa.types.is_null(found) else found
 
 
-def _model_plan(
+def model_plan(
     config: EmbedConfig, options: dict[str, str]
 ) -> tuple[ModelSpec, str | None, tuple[int, ...]]:
     """The model's spec, the task (default filled in) and every stored dim, full one first."""
@@ -187,7 +187,7 @@ def _model_plan(
 def plan_stamp(config: EmbedConfig) -> dict[str, str]:
     """The stamp a run of ``config`` would write (reads the model's config, no weights)."""
     options = storage.resolve_storage_options(config.storage_options)
-    return _stamp(config, *_model_plan(config, options))
+    return _stamp(config, *model_plan(config, options))
 
 
 def _stamp(
