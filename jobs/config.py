@@ -78,6 +78,8 @@ class EmbedConfig:
         write_batch_rows: Rows per written Lance fragment (at most); 32768 rows of
             1024-d float32 vectors is a 128 MiB block.
         commit_interval_s: Seconds between commits of what has been written so far.
+        lease_ttl_s: Lifetime of the output's lease (renewed every third of it while the
+            run lives): how long a crashed run blocks a rerun.
         ray_address: Ray cluster to join; None uses ``RAY_ADDRESS`` or starts a local one.
     """
 
@@ -107,6 +109,7 @@ class EmbedConfig:
     tokenize_batch_rows: int = 1024
     write_batch_rows: int = 32768
     commit_interval_s: float = 600.0
+    lease_ttl_s: float = 120.0
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
@@ -122,7 +125,7 @@ class EmbedConfig:
             _require(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
         _require(self.window_rows <= 1 << 20, "window_rows", self.window_rows, "<= 1048576")
         _require(self.gpus_per_actor >= 0, "gpus_per_actor", self.gpus_per_actor, "a number >= 0")
-        for name in ("cpus_per_actor", "cpus_per_task", "commit_interval_s"):
+        for name in ("cpus_per_actor", "cpus_per_task", "commit_interval_s", "lease_ttl_s"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "a number > 0")
         for dim in self.dims:
             _require(isinstance(dim, int) and dim > 0, "dims", self.dims, "positive integers")

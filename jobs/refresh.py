@@ -28,6 +28,7 @@ import ray
 from jobs import storage
 from jobs.config import EmbedConfig
 from jobs.errors import ConfigError
+from jobs.lease import Lease
 from jobs.progress import LAST_RUN_KEY
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,15 @@ def refresh(config: EmbedConfig, *, keep_deleted: bool = False):
         logger.warning("stamp changed (%s): re-embedding everything as a new version of %s",
                        ", ".join(mismatch), config.output)
         return run.run(dataclasses.replace(config, mode="overwrite"))
+    with Lease(output=config.output, ttl_s=config.lease_ttl_s, storage_options=options):
+        return _refresh(config, options, keep_deleted)
+
+
+def _refresh(config: EmbedConfig, options: dict, keep_deleted: bool):
+    """Under the output's lease: staging embed, upsert, delete gone ids."""
+    from jobs import run
+
+    output = lance.dataset(config.output, storage_options=storage.lance_options(options))
     ensure_id_index(output)
     output = lance.dataset(config.output, storage_options=storage.lance_options(options))
     existing = ExistingRows(uri=config.output, version=output.version, storage_options=options)

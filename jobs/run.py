@@ -14,6 +14,7 @@ from jobs import pipeline, progress, storage, validate
 from jobs.commit import Committer, TableCommitter
 from jobs.config import EmbedConfig
 from jobs.errors import PipelineInvariantError
+from jobs.lease import Lease
 from jobs.preflight import RunPlan, plan_run
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,17 @@ def run(config: EmbedConfig, *, compare_with=None, registry=None) -> Summary:
     """
     started = time.monotonic()
     plan = plan_run(config)
+    with Lease(output=config.output, ttl_s=config.lease_ttl_s,
+               storage_options=plan.storage_options):
+        summary = _run(plan, started, compare_with, registry)
+    if config.summary_json:
+        write_json(config.summary_json, asdict(summary))
+    return summary
+
+
+def _run(plan: RunPlan, started: float, compare_with, registry) -> Summary:
+    """The run proper, under the output's lease."""
+    config = plan.config
     _init_ray(config)
     registry = registry or new_registry()
     committer = _committer(plan)
@@ -87,8 +99,6 @@ def run(config: EmbedConfig, *, compare_with=None, registry=None) -> Summary:
             f"{summary.table_version}: another writer committed meanwhile"
         )
     logger.info("%s", summary.line())
-    if config.summary_json:
-        write_json(config.summary_json, asdict(summary))
     return summary
 
 

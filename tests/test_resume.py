@@ -55,6 +55,7 @@ def _command(s3_server, prefix: str, golden_dir, summary: Path) -> list[str]:
             "--input", s3_server.uri(prefix, "in/"), "--format", "parquet",
             "--output", s3_server.uri(prefix, "out.lance"), "--model", str(golden_dir),
             "--window-rows", "4", "--write-batch-rows", "4", "--commit-interval-s", "0.2",
+            "--lease-ttl-s", "6",
             "--summary-json", str(summary)]
 
 
@@ -110,6 +111,12 @@ def test_sigkill_driver_after_a_commit_then_rerun_resumes_exactly_once(
     done_before = len(killed_at["done"])
 
     env.pop("EMBEDJOB_TEST_ENCODE_DELAY_S")
+    # the dead run's lease still stands: a rerun now is refused, naming when it expires
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert "is being written by another run" in refused.stderr
+    lease = json.loads(s3_server.filesystem().cat(f"{s3_server.bucket}/{s3_prefix}/out.lease.json"))
+    time.sleep(max(0.0, lease["expires_at"] - time.time()) + 0.5)
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     result = json.loads(summary.read_text())
