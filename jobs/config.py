@@ -78,6 +78,8 @@ class EmbedConfig:
         write_batch_rows: Rows per written Lance fragment (at most); 32768 rows of
             1024-d float32 vectors is a 128 MiB block.
         commit_interval_s: Seconds between commits of what has been written so far.
+        retain_days: After a refresh, drop table versions older than this many days
+            (None keeps every version); ``embedjob compact`` takes the same.
         lease_ttl_s: Lifetime of the output's lease (renewed every third of it while the
             run lives): how long a crashed run blocks a rerun.
         ray_address: Ray cluster to join; None uses ``RAY_ADDRESS`` or starts a local one.
@@ -110,6 +112,7 @@ class EmbedConfig:
     write_batch_rows: int = 32768
     commit_interval_s: float = 600.0
     lease_ttl_s: float = 120.0
+    retain_days: float | None = None
     ray_address: str | None = None
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ table** (an overwrite; older versions stay readable until cleaned up).
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import functools
 import json
 import logging
@@ -131,6 +132,8 @@ def _refresh(config: EmbedConfig, options: dict, keep_deleted: bool):
     final = lance.dataset(config.output, storage_options=storage.lance_options(options))
     final.optimize.optimize_indices()
     storage.remove_tree(staging, options)
+    _upkeep(config, options)
+    final = lance.dataset(config.output, storage_options=storage.lance_options(options))
     # the last-run record is one more (metadata-only) version
     summary = dataclasses.replace(summary, output=config.output, rows_deleted=deleted,
                                   table_version=final.version + 1)
@@ -139,6 +142,17 @@ def _refresh(config: EmbedConfig, options: dict, keep_deleted: bool):
         run.write_json(config.summary_json, dataclasses.asdict(summary))
     logger.info("%s", summary.line())
     return summary
+
+
+def _upkeep(config: EmbedConfig, options: dict) -> None:
+    """Compact when small fragments piled up; apply the version retention when set."""
+    from jobs import maintain
+
+    dataset = lance.dataset(config.output, storage_options=storage.lance_options(options))
+    if maintain.piled_up(dataset):
+        maintain.compact(config.output, options, retain_days=config.retain_days or 7.0)
+    elif config.retain_days is not None:
+        dataset.cleanup_old_versions(older_than=dt.timedelta(days=config.retain_days))
 
 
 def _staging_config(config: EmbedConfig, staging: str, options: dict) -> EmbedConfig:
