@@ -159,3 +159,24 @@ def _kill_an_encode_actor(killed: threading.Event) -> None:
             killed.set()
             return
         time.sleep(0.2)
+
+
+def test_rerun_of_an_interrupted_run_whose_input_changed_is_refused(
+    ray_session, golden_dir, tmp_path
+):
+    from jobs.errors import InputError
+    from jobs.progress import PROGRESS_KEY, ProgressRecord
+
+    for f in range(2):
+        pq.write_table(to_table(real_rows(5, offset=5 * f)), tmp_path / f"p{f}.parquet")
+    config = EmbedConfig(input=str(tmp_path), format="parquet", output=str(tmp_path / "o.lance"),
+                         model=str(golden_dir))
+    run(config)
+    dataset = lance.dataset(config.output)
+    record = ProgressRecord.from_metadata(dataset.metadata)
+    # as if the run had died after its last commit, before marking itself complete
+    dataset.update_metadata({PROGRESS_KEY: ProgressRecord(
+        run_key=record.run_key, done=record.done, complete=False).to_json()})
+    pq.write_table(to_table(real_rows(6, offset=100)), tmp_path / "p0.parquet")
+    with pytest.raises(InputError, match=r"input changed since the interrupted run .*p0.parquet"):
+        run(config)
