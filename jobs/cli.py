@@ -16,11 +16,16 @@ logger = logging.getLogger("embedjob")
 def _embed_parser(sub: argparse._SubParsersAction, name: str = "embed") -> None:
     """``embed`` and ``refresh`` take the same options (refresh adds --keep-deleted)."""
     helps = {"embed": "embed a corpus into a Lance table",
-             "refresh": "re-embed only new and changed rows, delete gone ones"}
+             "refresh": "re-embed only new and changed rows, delete gone ones",
+             "plan": "size a job from a sample of its input (rows, tokens, bytes, GPU-hours)"}
     p = sub.add_parser(name, help=helps[name], argument_default=argparse.SUPPRESS)
     if name == "refresh":
         p.add_argument("--keep-deleted", dest="keep_deleted", action="store_true",
                        help="keep rows whose ids are gone from the corpus")
+    if name == "plan":
+        p.add_argument("--sample-rows", dest="sample_rows", type=int, default=20000)
+        p.add_argument("--tokens-per-s", dest="tokens_per_s", type=float, default=None,
+                       help="throughput (default: the last `embedjob bench` here)")
     p.add_argument("--config", help="YAML file with the same keys as these options")
     p.add_argument("--input", help="file, directory/prefix or glob; local or s3://")
     p.add_argument("--format", choices=FORMATS, help="input format (default: from extension)")
@@ -34,6 +39,9 @@ def _embed_parser(sub: argparse._SubParsersAction, name: str = "embed") -> None:
     p.add_argument("--keep-columns", dest="keep_columns", help="comma-separated")
     p.add_argument("--max-tokens-per-batch", dest="max_tokens_per_batch", type=int)
     p.add_argument("--window-rows", dest="window_rows", type=int)
+    p.add_argument("--batch-overhead-tokens", dest="batch_overhead_tokens", type=int,
+                   help="cost of one more forward when cutting batches (default: 0 on CPU, "
+                   "max-tokens-per-batch/16 on GPU)")
     p.add_argument("--num-actors", dest="num_actors", type=int)
     p.add_argument("--gpus-per-actor", dest="gpus_per_actor", type=float)
     p.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=float)
@@ -47,6 +55,10 @@ def _embed_parser(sub: argparse._SubParsersAction, name: str = "embed") -> None:
                    metavar="KEY=VALUE", help="Lance/object_store key, repeatable")
     p.add_argument("--write-batch-rows", dest="write_batch_rows", type=int)
     p.add_argument("--commit-interval-s", dest="commit_interval_s", type=float)
+    p.add_argument("--retain-days", dest="retain_days", type=float,
+                   help="refresh: drop table versions older than this (default: keep all)")
+    p.add_argument("--lease-ttl-s", dest="lease_ttl_s", type=float,
+                   help="how long a crashed run's lease blocks a rerun (default 120)")
     p.add_argument("--ray-address", dest="ray_address")
 
 
@@ -120,8 +132,9 @@ def _search_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--show", default="", help="comma-separated columns to print")
     p.add_argument("--model", help="query model (default: the table's embedjob.model_source)")
     p.add_argument("--nprobes", type=int, help="IVF partitions to probe")
-    p.add_argument("--refine-factor", dest="refine_factor", type=int,
-                   help="re-rank k x this many index candidates exactly")
+    p.add_argument("--refine-factor", dest="refine_factor", type=int, default=1,
+                   help="re-rank k x this many index candidates exactly (default 1: exact "
+                   "scores)")
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -183,11 +196,23 @@ def _eval(args: argparse.Namespace) -> None:
     print(format_report(report))
 
 
+def _compact_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compact", help="compact small fragments and drop old table versions")
+    p.add_argument("output", help="Lance table URI")
+    p.add_argument("--retain-days", dest="retain_days", type=float, default=7.0,
+                   help="keep table versions newer than this many days (default 7)")
+    p.add_argument("--target-rows-per-fragment", dest="target_rows", type=int,
+                   default=1024 * 1024)
+    p.add_argument("--storage-option", dest="storage_option", action="append", default=[],
+                   metavar="KEY=VALUE")
+
+
 def embed_config(args: argparse.Namespace) -> EmbedConfig:
     """YAML values first, explicit flags over them."""
     values = vars(args).copy()
     values.pop("command", None)
-    values.pop("keep_deleted", None)
+    for key in ("keep_deleted", "sample_rows", "tokens_per_s"):
+        values.pop(key, None)
     merged = load_yaml(values.pop("config")) if "config" in values else {}
     pairs = values.pop("storage_option", [])
     merged.update(values)
@@ -201,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _embed_parser(sub)
     _embed_parser(sub, "refresh")
+    _embed_parser(sub, "plan")
+    _compact_parser(sub)
     _bench_parser(sub)
     _info_parser(sub)
     _index_parser(sub)
@@ -217,6 +244,22 @@ def main(argv: list[str] | None = None) -> int:
             summary = run(embed_config(args))
             print(summary.line())
             print(_how_to_read(summary.output))
+        elif args.command == "compact":
+            from jobs.maintain import compact
+            from jobs.storage import resolve_storage_options
+
+            options = resolve_storage_options(
+                dict(parse_storage_option(p) for p in args.storage_option))
+            print(compact(args.output, options, retain_days=args.retain_days,
+                          target_rows_per_fragment=args.target_rows).line())
+        elif args.command == "plan":
+            from jobs.sizing import size_job
+
+            config = embed_config(argparse.Namespace(
+                **{"output": "(not written by plan)", **vars(args)}))
+            report = size_job(config, sample_rows=args.sample_rows,
+                              tokens_per_s=args.tokens_per_s)
+            print("\n".join(report.lines()))
         elif args.command == "refresh":
             from jobs.refresh import refresh
 
@@ -227,9 +270,12 @@ def main(argv: list[str] | None = None) -> int:
             import json
 
             from jobs.bench import BenchConfig, bench
+            from jobs.sizing import record_bench
 
             values = {k: v for k, v in vars(args).items() if k != "command"}
-            print(json.dumps(bench(BenchConfig(**values))))
+            result = bench(BenchConfig(**values))
+            record_bench(result)
+            print(json.dumps(result))
         elif args.command == "info":
             _info(args)
         elif args.command == "index":
