@@ -47,6 +47,8 @@ def _embed_parser(sub: argparse._SubParsersAction, name: str = "embed") -> None:
     p.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=float)
     p.add_argument("--cpus-per-task", dest="cpus_per_task", type=float)
     p.add_argument("--packed", action="store_true", help="pack sequences instead of padding")
+    p.add_argument("--fail-fast", dest="fail_fast", action="store_true",
+                   help="stop at the first unreadable file or broken line")
     p.add_argument("--vector-dtype", dest="vector_dtype", choices=VECTOR_DTYPES)
     p.add_argument("--mode", choices=MODES)
     p.add_argument("--summary-json", dest="summary_json")

@@ -19,6 +19,7 @@ import pyarrow as pa
 import ray
 
 from jobs import storage
+from jobs.errors import retry_transient
 from jobs.progress import LAST_RUN_KEY, PROGRESS_KEY, ProgressRecord, UnitLedger
 from jobs.write import load_fragments
 
@@ -65,14 +66,18 @@ class TableCommitter:
         return self.dataset().version
 
     def dataset(self) -> lance.LanceDataset:
-        return lance.dataset(self.uri, storage_options=storage.lance_options(self.storage_options))
+        options = storage.lance_options(self.storage_options)
+        return retry_transient(lambda: lance.dataset(self.uri, storage_options=options),
+                               what=f"opening {self.uri}")
 
     def update_metadata(self, values: dict[str, str]) -> None:
         """Table-level key/values (a metadata-only commit)."""
         if self.version is None and self.recreate:
             return  # nothing committed yet: the table does not exist
         dataset = self.dataset()
-        dataset.update_metadata(values)
+        # a repeated metadata update writes the same values: safe to retry
+        retry_transient(lambda: dataset.update_metadata(values),
+                        what=f"updating the metadata of {self.uri}")
         self.version = dataset.version
 
 

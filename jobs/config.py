@@ -73,6 +73,8 @@ class EmbedConfig:
             nothing (the summary line is always logged).
         rejected_output: Lance table for rejected rows; None means ``<output>.rejected.lance``
             next to the output (``.lance`` suffix of the output replaced).
+        fail_fast: Stop at the first unreadable input file or broken line instead of
+            recording it as a rejected row.
         storage_options: ``--storage-option`` pairs (Lance keys), merged over the AWS env.
         tokenize_batch_rows: Rows per tokenizer call on the CPU stage.
         write_batch_rows: Rows per written Lance fragment (at most); 32768 rows of
@@ -107,6 +109,7 @@ class EmbedConfig:
     mode: Literal["create", "overwrite", "append"] = "create"
     summary_json: str | None = None
     rejected_output: str | None = None
+    fail_fast: bool = False
     storage_options: Mapping[str, str] = field(default_factory=dict, repr=False)
     tokenize_batch_rows: int = 1024
     write_batch_rows: int = 32768

@@ -3,26 +3,29 @@
 Each call gets a block of bucketed rows; every contiguous run of one ``_batch`` value is
 one forward. Rejected rows pass through with null vectors so the write stage can set them
 aside. The stage checks one output per input.
+
+A forward that runs out of memory is split in halves and retried, down to single rows; a
+single text that still does not fit is rejected with its reason (and its id given back to
+the run's id registry), never dropped.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
 
-from jobs import storage
+from jobs import faults, storage
 from jobs.errors import PipelineInvariantError
 
 logger = logging.getLogger(__name__)
 
-# Fault-injection hook for the crash/resume tests: seconds to sleep per encode call, so a
-# test can kill the driver or an actor mid-run. Unset in production.
-DELAY_ENV = "EMBEDJOB_TEST_ENCODE_DELAY_S"
+# Fault-injection hooks (jobs/faults.py), read when an actor starts; unset in production.
+DELAY_ENV = faults.ENCODE_DELAY_S  # seconds to sleep per call: kills land mid-run
+OOM_ABOVE_TOKENS_ENV = faults.OOM_ABOVE_TOKENS  # bigger forwards raise torch.OutOfMemoryError
 
 
 class EncodeActor:
@@ -39,6 +42,7 @@ class EncodeActor:
         use_gpu: bool,
         cpu_threads: int,
         storage_options: Mapping[str, str],
+        registry=None,
     ) -> None:
         import torch
 
@@ -54,33 +58,103 @@ class EncodeActor:
         self.dims = dims
         self.dtype = np.dtype(vector_dtype)
         self.packed = packed
+        self.registry = registry  # ids of rows rejected here are given back to it
+        self.out_of_memory = (torch.OutOfMemoryError, MemoryError)
+        self.oom_above_tokens = int(faults.value(OOM_ABOVE_TOKENS_ENV) or 0)
+        self.delay_s = float(faults.value(DELAY_ENV) or 0)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if os.environ.get(DELAY_ENV):
-            time.sleep(float(os.environ[DELAY_ENV]))
+        if self.delay_s:
+            time.sleep(self.delay_s)
         n = table.num_rows
-        hidden = self.embedder.hidden_size
-        vectors = np.zeros((n, hidden), np.float32)
+        vectors = np.zeros((n, self.embedder.hidden_size), np.float32)
         processed = np.zeros(n, np.int64)
+        reasons = table.column("_reject").to_pylist()
         rows = _row_ids(table.column("input_ids"))
-        for run in batch_runs(table.column("_batch").to_numpy()):
-            ids = [rows[i] for i in run]
-            out = self.embedder.encode_ids(ids, task=self.task, packed=self.packed)
-            if out.shape != (len(ids), hidden):
-                raise PipelineInvariantError(
-                    f"encoder returned {out.shape} for {len(ids)} rows; this is a bug"
-                )
-            vectors[run.start : run.stop] = out
-            # tokens the encoder processed, spread over the rows of the forward
-            processed[run.start : run.stop] = max(map(len, ids)) if not self.packed else [
-                len(x) for x in ids
-            ]
-        valid = table.column("_batch").to_numpy() >= 0
-        table = table.drop_columns(["input_ids", "_batch"])
+        batch_of = table.column("_batch").to_numpy()
+        for run in batch_runs(batch_of):
+            self._encode_run(rows, run.start, run.stop, vectors, processed, reasons)
+        late = [i for i in range(n) if batch_of[i] >= 0 and reasons[i] is not None]
+        self._release(table, late)
+        valid = np.array([r is None for r in reasons], bool)
+        table = table.drop_columns(["input_ids", "_batch", "_reject"])
+        table = table.append_column("_reject", pa.array(reasons, pa.string()))
         table = table.append_column("_processed_tokens", pa.array(processed, pa.int64()))
         for name, column in vector_columns(vectors, valid, self.dims, self.dtype).items():
             table = table.append_column(name, column)
         return table
+
+    def _encode_run(
+        self,
+        rows: list[np.ndarray],
+        start: int,
+        stop: int,
+        vectors: np.ndarray,
+        processed: np.ndarray,
+        reasons: list[str | None],
+    ) -> None:
+        """Rows [start, stop) in one forward; on out-of-memory, each half on its own."""
+        ids = rows[start:stop]
+        try:
+            vectors[start:stop] = self._forward(ids)
+        except self.out_of_memory as exc:
+            _free_accelerator_memory(self.embedder.device)
+            if len(ids) == 1:
+                reasons[start] = f"out of memory: 1 text of {len(ids[0])} tokens does not fit"
+                logger.warning("%s (%s)", reasons[start], exc)
+                return
+            logger.warning("out of memory on %d rows of up to %d tokens; splitting in halves",
+                           len(ids), max(map(len, ids)))
+            middle = (start + stop) // 2
+            self._encode_run(rows, start, middle, vectors, processed, reasons)
+            self._encode_run(rows, middle, stop, vectors, processed, reasons)
+            return
+        # tokens the encoder processed, spread over the rows of the forward
+        processed[start:stop] = [len(x) for x in ids] if self.packed else max(map(len, ids))
+
+    def _forward(self, ids: list[np.ndarray]) -> np.ndarray:
+        """One forward: float32 [len(ids), hidden]."""
+        if self.oom_above_tokens and _cost(ids, self.packed) > self.oom_above_tokens:
+            import torch
+
+            raise torch.OutOfMemoryError(
+                f"simulated: {_cost(ids, self.packed)} tokens > {OOM_ABOVE_TOKENS_ENV}="
+                f"{self.oom_above_tokens}"
+            )
+        out = self.embedder.encode_ids(ids, task=self.task, packed=self.packed)
+        if out.shape != (len(ids), self.embedder.hidden_size):
+            raise PipelineInvariantError(
+                f"encoder returned {out.shape} for {len(ids)} rows; this is a bug"
+            )
+        return out
+
+    def _release(self, table: pa.Table, rejected: list[int]) -> None:
+        """Give the ids of rows rejected here back to the registry (they were claimed by the
+        tokenize stage), so that the run's one-to-one check still holds."""
+        if not rejected or self.registry is None:
+            return
+        import ray
+
+        from jobs.validate import row_key
+
+        ids = table.column("_id").take(rejected).to_pylist()
+        sources = table.column("_source").take(rejected).to_pylist()
+        starts = table.column("_row").take(rejected).to_pylist()
+        claimants = [row_key(s, r) for s, r in zip(sources, starts, strict=True)]
+        ray.get(self.registry.release.remote(ids, claimants))
+
+
+def _cost(ids: list[np.ndarray], packed: bool) -> int:
+    """Tokens one forward holds: sum of lengths (packed) or rows x longest (padded)."""
+    return sum(map(len, ids)) if packed else len(ids) * max(map(len, ids))
+
+
+def _free_accelerator_memory(device) -> None:
+    """Return the failed forward's cached blocks to the GPU before the halves run."""
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 def batch_runs(batch_of: np.ndarray) -> list[range]:

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 
 from jobs import storage
-from jobs.errors import ConfigError
+from jobs.errors import StorageError, retry_transient
 
 logger = logging.getLogger(__name__)
 READ_BACK_DELAY_S = 0.5  # long enough for a racing writer's PUT to land before we read
 
 
-class OutputLockedError(ConfigError):
+class OutputLockedError(StorageError):
     """Another live run holds the output's lease."""
 
 
@@ -52,12 +52,12 @@ class Lease:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> Lease:
-        held = self._read()
+        held = retry_transient(self._read, what=f"reading the lease of {self.output}")
         if held and held["owner"] != self.owner and held["expires_at"] > time.time():
             raise OutputLockedError(_held_message(self.output, held))
-        self._write()
+        retry_transient(self._write, what=f"writing the lease of {self.output}")
         time.sleep(READ_BACK_DELAY_S)
-        held = self._read()
+        held = retry_transient(self._read, what=f"reading the lease of {self.output}")
         if not held or held["owner"] != self.owner:
             raise OutputLockedError(_held_message(self.output, held or {}))
         threading.Thread(target=self._renew, daemon=True, name="lease-renewal").start()
@@ -65,6 +65,9 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
+        retry_transient(self._release, what=f"releasing the lease of {self.output}")
+
+    def _release(self) -> None:
         held = self._read()
         if held and held["owner"] == self.owner:
             self._fs().delete_file(self._path())
@@ -90,10 +93,12 @@ class Lease:
                 return json.loads(handle.read())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except ValueError as exc:  # a torn or foreign file: not ours to interpret
+            raise StorageError(f"cannot parse the lease of {self.output!r}: {exc}") from exc
+        except OSError:
             if self._fs().get_file_info(self._path()).type == pafs.FileType.NotFound:
                 return None
-            raise ConfigError(f"cannot read the lease of {self.output!r}: {exc}") from exc
+            raise
 
     def _fs(self) -> pafs.FileSystem:
         return storage.pyarrow_filesystem(self.output, self.storage_options)

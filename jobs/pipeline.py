@@ -59,7 +59,7 @@ def build(
             "model": cfg.model, "task": plan.task, "dims": plan.dims,
             "vector_dtype": cfg.vector_dtype, "packed": cfg.packed,
             "use_gpu": cfg.gpus_per_actor > 0, "cpu_threads": int(cfg.cpus_per_actor),
-            "storage_options": opts,
+            "storage_options": opts, "registry": registry,
         },
         batch_size=None, batch_format=ARROW,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
@@ -31,7 +31,7 @@ class RunPlan:
     """A validated config plus everything derived from storage and the model's spec."""
 
     config: EmbedConfig
-    storage_options: dict[str, str]
+    storage_options: dict[str, str] = field(repr=False)
     units: list[str]  # still to embed (all of them, unless resuming)
     fingerprints: dict[str, str]  # every input unit -> size:mtime
     run_key: str
@@ -51,8 +51,12 @@ def plan_run(config: EmbedConfig) -> RunPlan:
     """Validate against storage and the model's config; never loads weights."""
     options = storage.resolve_storage_options(config.storage_options)
     fmt = config.input_format
-    for uri in (config.input, config.output, config.rejected_uri):
-        storage.check_reachable(uri, options)
+    storage.validate_output_uri(config.output, input_uri=config.input)
+    storage.validate_output_uri(config.rejected_uri, input_uri=config.input,
+                                label="rejected_output")
+    storage.check_reachable(config.input, options)
+    for uri in (config.output, config.rejected_uri):
+        storage.check_writable(uri, options)
     units = read.list_units(config.input, fmt, options)
     if not units:
         raise InputError(
@@ -152,6 +156,7 @@ def read_spec_for(
         format=fmt, id_column=config.id_column, text_column=config.text_column,
         keep_columns=config.keep_columns, id_type=id_type,
         keep_types=tuple(f.type for f in keep_fields), storage_options=options,
+        fail_fast=config.fail_fast,
     )
     return spec, keep_fields
 

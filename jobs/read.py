@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import storage
+from jobs.errors import Backoff, CorruptInputError, is_transient
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,10 @@ class ReadSpec:
     keep_columns: tuple[str, ...]
     id_type: pa.DataType
     keep_types: tuple[pa.DataType, ...]
-    storage_options: Mapping[str, str]
+    storage_options: Mapping[str, str] = field(repr=False)  # holds secrets
+    # True: a file or JSON line that cannot be parsed fails the job; False: it is recorded as
+    # a rejected row (a whole unreadable file as one row) and the rest is processed
+    fail_fast: bool = False
 
     def schema(self) -> pa.Schema:
         """The schema of every block this stage yields."""
@@ -77,19 +81,69 @@ def read_units(batch: pa.Table, spec: ReadSpec, tracker=None) -> Iterator[pa.Tab
 
     for unit in batch.column("unit").to_pylist():
         rows = 0
-        for raw, first_row in _raw_batches(unit, spec):
-            rows = first_row + raw.num_rows
-            yield normalize(raw, unit, first_row, spec)
+        try:
+            for raw, first_row in _raw_batches(unit, spec):
+                rows = first_row + raw.num_rows
+                yield normalize(raw, unit, first_row, spec)
+        except (pa.ArrowInvalid, OSError) as exc:  # transient ones were retried already
+            reason = _unreadable(unit, rows, spec, exc)
+            yield _unit_rejected(unit, reason, spec)
+            rows += 1  # the unit's one rejected row counts toward its rows
         if tracker is not None:
             ray.get(tracker.unit_read.remote(unit, rows))
 
 
+def _unreadable(unit: str, rows: int, spec: ReadSpec, exc: BaseException) -> str:
+    """The reason for a file that failed to parse (or raise, under ``fail_fast``)."""
+    where = f" after row {rows - 1}" if rows else ""
+    reason = f"unreadable {spec.format}{where}: {type(exc).__name__}: {str(exc)[:300]}"
+    if spec.fail_fast:
+        raise CorruptInputError(f"{unit}: {reason} (fail_fast is set)") from exc
+    logger.warning("%s: %s; the file is recorded as rejected", unit, reason)
+    return reason
+
+
+def _unit_rejected(unit: str, reason: str, spec: ReadSpec) -> pa.Table:
+    """One rejected row (no id, row -1) standing for the unreadable rest of ``unit``."""
+    columns = {field.name: pa.nulls(1, field.type) for field in spec.schema()}
+    columns |= {"_source": pa.array([unit]), "_row": pa.array([-1], pa.int64()),
+                "_reject": pa.array([reason])}
+    return pa.table(columns, schema=spec.schema())
+
+
+def iter_rows(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
+    """One unit's rows in this stage's schema (without a tracker)."""
+    for raw, first_row in _raw_batches(unit, spec):
+        yield normalize(raw, unit, first_row, spec)
+
+
+def parquet_rows(unit: str, spec: ReadSpec) -> int:
+    """Row count from a Parquet footer."""
+    import pyarrow.parquet as pq
+
+    with _open(unit, spec) as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
 def _raw_batches(unit: str, spec: ReadSpec) -> Iterator[tuple[pa.Table, int]]:
-    """Yield (raw table, index of its first row in the unit)."""
-    row = 0
-    for table in _READERS[spec.format](unit, spec):
-        yield table, row
-        row += table.num_rows
+    """Yield (raw table, index of its first row in the unit).
+
+    A transient storage error (errors.TRANSIENT_ERRORS) reopens the unit after a backoff and
+    goes on after the last row yielded, so an outage of the store costs no row twice.
+    """
+    done, backoff = 0, Backoff(f"reading {unit}")
+    while True:
+        try:
+            row = 0
+            for table in _READERS[spec.format](unit, spec):
+                end = row + table.num_rows
+                if end > done:
+                    yield table.slice(done - row) if row < done else table, max(row, done)
+                    done = end
+                row = end
+            return
+        except (pa.ArrowInvalid, OSError) as exc:
+            backoff.wait(exc)  # re-raises what is not transient
 
 
 def _open(unit: str, spec: ReadSpec):
@@ -121,18 +175,29 @@ def _read_jsonl(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
     """JSON lines parsed one by one, so a broken line is one rejected row, not a dead file."""
     with _open(unit, spec) as handle:
         rows: list[dict] = []
-        pending = b""
+        pending, done = b"", 0
         while chunk := handle.read(1 << 20):
             lines = (pending + chunk).split(b"\n")
             pending = lines.pop()
             rows.extend(_parse_json_line(line) for line in lines if line.strip())
             if len(rows) >= READ_BATCH_ROWS:
-                yield _rows_to_table(rows, spec)
-                rows = []
+                yield _rows_to_table(_checked(rows, done, unit, spec), spec)
+                done, rows = done + len(rows), []
         if pending.strip():
             rows.append(_parse_json_line(pending))
         if rows:
-            yield _rows_to_table(rows, spec)
+            yield _rows_to_table(_checked(rows, done, unit, spec), spec)
+
+
+def _checked(rows: list[dict], first_row: int, unit: str, spec: ReadSpec) -> list[dict]:
+    """``rows`` as they are, or under ``fail_fast`` an error naming the first broken line."""
+    if spec.fail_fast:
+        for i, row in enumerate(rows):
+            if "__reject" in row:
+                raise CorruptInputError(
+                    f"{unit}: row {first_row + i}: {row['__reject']} (fail_fast is set)"
+                )
+    return rows
 
 
 def _parse_json_line(line: bytes) -> dict:
@@ -154,6 +219,8 @@ def _rows_to_table(rows: list[dict], spec: ReadSpec) -> pa.Table:
     names = [name for name in _wanted(spec) if name in seen]
     columns: dict[str, list] = {name: [row.get(name) for row in rows] for name in names}
     reasons = [row.get("__reject") for row in rows]
+    for name, values in columns.items():
+        _drop_unencodable(name, values, reasons)
     if spec.text_column in columns:
         texts = columns[spec.text_column]
         for i, text in enumerate(texts):
@@ -164,11 +231,31 @@ def _rows_to_table(rows: list[dict], spec: ReadSpec) -> pa.Table:
     return pa.table({name: _py_array(values) for name, values in columns.items()})
 
 
+def _drop_unencodable(name: str, values: list, reasons: list[str | None]) -> None:
+    """Strings that are not valid Unicode (JSON escapes of lone surrogates such as
+    ``"\\ud800"``) cannot be stored as UTF-8: the value becomes null and the row gets a reason.
+    """
+    for i, value in enumerate(values):
+        if isinstance(value, str) and not _encodable(value):
+            reasons[i] = reasons[i] or f"{name} is not valid Unicode (lone surrogate)"
+            values[i] = None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _py_array(values: list) -> pa.Array:
     try:
         return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([None if v is None else str(v) for v in values], pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
+        # mixed types become strings (an id column of 1 and "a" is cast per value later)
+        strings = [None if v is None else str(v) for v in values]
+        return pa.array([s if s is None or _encodable(s) else None for s in strings], pa.string())
 
 
 def _read_lance(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
@@ -272,8 +359,19 @@ def _fill(reasons: list[str | None], rows, reason: str) -> None:
 def probe_schema(unit: str, spec: ReadSpec) -> pa.Schema:
     """Every column of a unit with its type (decides the id and kept column types).
 
-    An empty schema means the unit holds no rows (the next unit is probed).
+    An empty schema means the unit holds no rows or cannot be parsed (the next unit is
+    probed; the read stage records an unparsable unit as rejected).
     """
+    try:
+        return _probe_schema(unit, spec)
+    except (pa.ArrowInvalid, OSError) as exc:
+        if is_transient(exc):
+            raise
+        logger.warning("%s: cannot read its schema (%s); probing the next file", unit, exc)
+        return pa.schema([])
+
+
+def _probe_schema(unit: str, spec: ReadSpec) -> pa.Schema:
     if spec.format == "parquet":
         import pyarrow.parquet as pq
 

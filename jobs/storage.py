@@ -284,10 +284,11 @@ def _normalized(uri: str) -> str:
 def check_writable(uri: str, options: Mapping[str, str]) -> None:
     """Fail early when nothing can be written where ``uri`` lives.
 
-    Writes and deletes one small object beside ``uri`` (``<parent>/.embedjob-probe-<uuid>``),
-    so a read-only credential, a missing bucket or an unwritable directory fails before any
-    model loads.
+    Checks the bucket exists, then writes and deletes one small object beside ``uri``
+    (``<parent>/.embedjob-probe-<uuid>``), so a missing bucket, a read-only credential or an
+    unwritable directory fails before any model loads.
     """
+    check_reachable(uri, options)  # first: some servers create a missing bucket on write
     fs = pyarrow_filesystem(uri, options)
     parent = posixpath.dirname(strip_scheme(uri).rstrip("/"))
     probe = f"{parent}/.embedjob-probe-{uuid.uuid4().hex[:12]}"
@@ -302,3 +303,10 @@ def check_writable(uri: str, options: Mapping[str, str]) -> None:
             f"cannot write to the location of {uri!r}"
             f"{' at ' + _endpoint_hint(options) if is_s3(uri) else ''}: {exc}"
         ) from exc
+
+
+def file_sizes(uris: list[str], options: Mapping[str, str]) -> dict[str, int]:
+    """Size in bytes of each file."""
+    fs = pyarrow_filesystem(uris[0], options)
+    infos = fs.get_file_info([strip_scheme(u) for u in uris])
+    return {u: int(i.size or 0) for u, i in zip(uris, infos, strict=True)}

@@ -16,9 +16,11 @@ pytestmark = pytest.mark.pipeline
 def test_compact_merges_small_fragments_and_drops_old_versions(
     ray_session, golden_dir, tmp_path
 ):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
     for f in range(4):
-        pq.write_table(to_table(real_rows(10, offset=10 * f)), tmp_path / f"p{f}.parquet")
-    config = EmbedConfig(input=str(tmp_path), format="parquet", output=str(tmp_path / "o.lance"),
+        pq.write_table(to_table(real_rows(10, offset=10 * f)), corpus / f"p{f}.parquet")
+    config = EmbedConfig(input=str(corpus), format="parquet", output=str(tmp_path / "o.lance"),
                          model=str(golden_dir), window_rows=5, write_batch_rows=5,
                          commit_interval_s=0.01)
     run(config)

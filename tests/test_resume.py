@@ -1,7 +1,8 @@
 """Crash safety: a SIGKILLed driver resumes exactly once; a killed encode actor loses nothing.
 
 Real local Ray, real SeaweedFS S3, real Lance, the golden tiny checkpoint. The encode stage
-is slowed down (EMBEDJOB_TEST_ENCODE_DELAY_S) so that the kills land mid-run.
+is slowed down (the ENCODE_DELAY_S fault hook, set cluster-wide) so that the kills land
+mid-run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from jobs import faults
 from jobs.config import EmbedConfig
 from jobs.run import run
 from tests.pipeline_helpers import real_rows, to_table, vectors_by_id
@@ -89,28 +91,27 @@ def test_sigkill_driver_after_a_commit_then_rerun_resumes_exactly_once(
     out = s3_server.uri(s3_prefix, "out.lance")
     env = os.environ | s3_server.env | {
         "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-        "EMBEDJOB_TEST_ENCODE_DELAY_S": "0.3",
     }
     summary = tmp_path / "summary.json"
     command = _command(s3_server, s3_prefix, golden_dir, summary)
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    progress = None
-    while time.monotonic() < deadline and first.poll() is None:
-        progress = _progress(out, s3_server.storage_options)
-        if progress and progress["done"]:
-            break
-        time.sleep(0.1)
-    assert first.poll() is None, "the first run ended before it could be killed"
-    assert progress and progress["done"], "no commit recorded a finished unit in time"
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    with faults.injected(faults.ENCODE_DELAY_S, "0.3"):
+        first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        progress = None
+        while time.monotonic() < deadline and first.poll() is None:
+            progress = _progress(out, s3_server.storage_options)
+            if progress and progress["done"]:
+                break
+            time.sleep(0.1)
+        assert first.poll() is None, "the first run ended before it could be killed"
+        assert progress and progress["done"], "no commit recorded a finished unit in time"
+        first.send_signal(signal.SIGKILL)
+        first.wait()
     killed_at = _progress(out, s3_server.storage_options)
     assert not killed_at["complete"]
     done_before = len(killed_at["done"])
 
-    env.pop("EMBEDJOB_TEST_ENCODE_DELAY_S")
     # the dead run's lease still stands: a rerun now is refused, naming when it expires
     refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2
@@ -128,17 +129,17 @@ def test_sigkill_driver_after_a_commit_then_rerun_resumes_exactly_once(
 
 
 def test_killed_encode_actor_is_restarted_and_nothing_is_lost(
-    s3_server, s3_prefix, ray_session, golden_dir, embedder, monkeypatch
+    s3_server, s3_prefix, ray_session, golden_dir, embedder
 ):
     rows = _write_corpus(s3_server, s3_prefix)
-    monkeypatch.setenv("EMBEDJOB_TEST_ENCODE_DELAY_S", "0.3")  # read by actors started now
     config = EmbedConfig(input=s3_server.uri(s3_prefix, "in/"), format="parquet",
                          output=s3_server.uri(s3_prefix, "out.lance"), model=str(golden_dir),
                          window_rows=4, write_batch_rows=4,
                          storage_options=s3_server.storage_options)
     killed = threading.Event()
     threading.Thread(target=_kill_an_encode_actor, args=(killed,), daemon=True).start()
-    summary = run(config)
+    with faults.injected(faults.ENCODE_DELAY_S, "0.3"):
+        summary = run(config)
     assert killed.is_set(), "no encode actor was found alive to kill"
     assert summary.rows_embedded == len([r for r in rows if r["text"]])
     _check_exactly_once(s3_server, s3_prefix, rows, embedder)
@@ -167,9 +168,11 @@ def test_rerun_of_an_interrupted_run_whose_input_changed_is_refused(
     from jobs.errors import InputError
     from jobs.progress import PROGRESS_KEY, ProgressRecord
 
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
     for f in range(2):
-        pq.write_table(to_table(real_rows(5, offset=5 * f)), tmp_path / f"p{f}.parquet")
-    config = EmbedConfig(input=str(tmp_path), format="parquet", output=str(tmp_path / "o.lance"),
+        pq.write_table(to_table(real_rows(5, offset=5 * f)), corpus / f"p{f}.parquet")
+    config = EmbedConfig(input=str(corpus), format="parquet", output=str(tmp_path / "o.lance"),
                          model=str(golden_dir))
     run(config)
     dataset = lance.dataset(config.output)
@@ -177,6 +180,6 @@ def test_rerun_of_an_interrupted_run_whose_input_changed_is_refused(
     # as if the run had died after its last commit, before marking itself complete
     dataset.update_metadata({PROGRESS_KEY: ProgressRecord(
         run_key=record.run_key, done=record.done, complete=False).to_json()})
-    pq.write_table(to_table(real_rows(6, offset=100)), tmp_path / "p0.parquet")
+    pq.write_table(to_table(real_rows(6, offset=100)), corpus / "p0.parquet")
     with pytest.raises(InputError, match=r"input changed since the interrupted run .*p0.parquet"):
         run(config)
