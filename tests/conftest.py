@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-GOLDEN = REPO / "tests" / "data" / "jina-v3-tiny"
 ACCESS_KEY = "embedjob-test-key"
 SECRET_KEY = "embedjob-SECRET-do-not-print-7f3a"
 BUCKET = "embedjob-test"
@@ -138,7 +137,7 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    """The tiny jina-v3 checkpoint in the original layout; fails loudly when missing."""
-    if not (GOLDEN / "model.safetensors").is_file():
-        raise FileNotFoundError(f"golden fixture missing at {GOLDEN}; it is committed data")
-    return GOLDEN
+    """The tiny jina-v3 checkpoint in the original layout; fails (never skips) when missing."""
+    from tests.model_fixtures import require_golden
+
+    return require_golden()

@@ -42,3 +42,14 @@ def vectors_by_id(table: pa.Table, column: str = "vector") -> dict:
     ids = table.column("id").to_pylist()
     values = np.asarray(table.column(column).to_pylist(), dtype=np.float32)
     return dict(zip(ids, values, strict=True))
+
+
+def write_parts(directory: Path, files: int, rows_per_file: int) -> list[dict]:
+    """``files`` parquet files of real rows with consecutive integer ids; returns the rows."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for f in range(files):
+        part = real_rows(rows_per_file, offset=rows_per_file * f)
+        pq.write_table(to_table(part), directory / f"p{f}.parquet")
+        rows += part
+    return rows

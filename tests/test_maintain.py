@@ -2,13 +2,12 @@
 
 import lance
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from jobs.config import EmbedConfig
 from jobs.maintain import compact
 from jobs.run import run
-from tests.pipeline_helpers import real_rows, to_table, vectors_by_id
+from tests.pipeline_helpers import vectors_by_id, write_parts
 
 pytestmark = pytest.mark.pipeline
 
@@ -17,9 +16,7 @@ def test_compact_merges_small_fragments_and_drops_old_versions(
     ray_session, golden_dir, tmp_path
 ):
     corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for f in range(4):
-        pq.write_table(to_table(real_rows(10, offset=10 * f)), corpus / f"p{f}.parquet")
+    write_parts(corpus, files=4, rows_per_file=10)
     config = EmbedConfig(input=str(corpus), format="parquet", output=str(tmp_path / "o.lance"),
                          model=str(golden_dir), window_rows=5, write_batch_rows=5,
                          commit_interval_s=0.01)

@@ -16,7 +16,6 @@ from tests.model_fixtures import (
     expected,
     max_err,
     real_ids,
-    require_golden,
 )
 
 pytestmark = [
@@ -24,10 +23,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-
-@pytest.fixture(scope="module")
-def golden_dir() -> Path:
-    return require_golden()
 
 
 def test_cuda_fp32_reproduces_golden(golden_dir: Path) -> None:

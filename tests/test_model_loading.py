@@ -38,15 +38,10 @@ from tests.model_fixtures import (
     expected,
     max_err,
     real_ids,
-    require_golden,
 )
 
 pytestmark = pytest.mark.unit
 
-
-@pytest.fixture(scope="module")
-def golden_dir() -> Path:
-    return require_golden()
 
 ADAPTERS = ("retrieval_query", "retrieval_passage", "separation", "classification",
             "text_matching")

@@ -24,7 +24,7 @@ import pytest
 from jobs import faults
 from jobs.config import EmbedConfig
 from jobs.run import run
-from tests.pipeline_helpers import real_rows, to_table, vectors_by_id
+from tests.pipeline_helpers import real_rows, to_table, vectors_by_id, write_parts
 
 pytestmark = pytest.mark.pipeline
 FILES, ROWS_PER_FILE = 12, 8
@@ -169,9 +169,7 @@ def test_rerun_of_an_interrupted_run_whose_input_changed_is_refused(
     from jobs.progress import PROGRESS_KEY, ProgressRecord
 
     corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for f in range(2):
-        pq.write_table(to_table(real_rows(5, offset=5 * f)), corpus / f"p{f}.parquet")
+    write_parts(corpus, files=2, rows_per_file=5)
     config = EmbedConfig(input=str(corpus), format="parquet", output=str(tmp_path / "o.lance"),
                          model=str(golden_dir))
     run(config)
