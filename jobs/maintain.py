@@ -3,7 +3,9 @@
 Every commit of a run or a refresh adds fragments; a nightly refresh adds small ones.
 ``compact`` rewrites them into fragments of ``target_rows_per_fragment`` rows with
 ``lance_ray.compact_files`` (Ray workers), then removes versions older than the retention
-window (readers pinned to an older version keep working until then).
+window (readers pinned to an older version keep working until then) and the files of failed
+commits that no version references (``delete_unverified``: safe because compaction holds the
+output's lease, so no run is writing fragments meanwhile).
 """
 
 from __future__ import annotations
@@ -44,7 +46,16 @@ def compact(
     retain_days: float = 7.0,
     target_rows_per_fragment: int = TARGET_ROWS_PER_FRAGMENT,
 ) -> CompactReport:
-    """Compact ``output`` and clean up versions older than ``retain_days``."""
+    """Compact ``output``, clean up versions older than ``retain_days`` and orphaned files."""
+    from jobs.lease import Lease
+
+    with Lease(output=output, ttl_s=120.0, storage_options=storage_options):
+        return compact_unlocked(output, storage_options, retain_days, target_rows_per_fragment)
+
+
+def compact_unlocked(output: str, storage_options: Mapping[str, str], retain_days: float,
+                     target_rows_per_fragment: int) -> CompactReport:
+    """``compact`` for a caller that already holds the output's lease (a refresh)."""
     from lance.optimize import CompactionOptions
     from lance_ray import compact_files
 
@@ -55,7 +66,8 @@ def compact(
                       target_rows_per_fragment=target_rows_per_fragment),
                   num_workers=2)
     dataset = lance.dataset(output, storage_options=options)
-    stats = dataset.cleanup_old_versions(older_than=dt.timedelta(days=retain_days))
+    stats = dataset.cleanup_old_versions(older_than=dt.timedelta(days=retain_days),
+                                         delete_unverified=True)
     report = CompactReport(before, len(dataset.get_fragments()), stats.old_versions,
                            stats.bytes_removed)
     logger.info("compacted %s: %s", output, report.line())

@@ -149,8 +149,9 @@ def _upkeep(config: EmbedConfig, options: dict) -> None:
     from jobs import maintain
 
     dataset = lance.dataset(config.output, storage_options=storage.lance_options(options))
-    if maintain.piled_up(dataset):
-        maintain.compact(config.output, options, retain_days=config.retain_days or 7.0)
+    if maintain.piled_up(dataset):  # (the refresh holds the output's lease already)
+        maintain.compact_unlocked(config.output, options, config.retain_days or 7.0,
+                          maintain.TARGET_ROWS_PER_FRAGMENT)
     elif config.retain_days is not None:
         dataset.cleanup_old_versions(older_than=dt.timedelta(days=config.retain_days))
 

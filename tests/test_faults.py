@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import timedelta
 from pathlib import Path
 
 import lance
@@ -31,6 +30,7 @@ from jobs import errors, faults, read, storage
 from jobs.config import EmbedConfig
 from jobs.encode import OOM_ABOVE_TOKENS_ENV, EncodeActor
 from jobs.errors import ConfigError, CorruptInputError, StorageError, TransientGiveUpError
+from jobs.maintain import compact
 from jobs.run import run
 from tests.conftest import SECRET_KEY
 from tests.pipeline_helpers import real_rows, to_table, vectors_by_id
@@ -300,7 +300,7 @@ def test_failed_commit_leaves_nothing_visible_and_the_rerun_completes_and_cleans
     assert orphans <= _data_files(s3_server, out)  # the failed run's files are still there...
     assert not orphans & _referenced(dataset)  # ...but not part of any version
 
-    dataset.cleanup_old_versions(older_than=timedelta(0), delete_unverified=True)
+    compact(out, options, retain_days=0)  # embedjob compact removes the orphans
     assert _data_files(s3_server, out) == _referenced(lance.dataset(out, storage_options=options))
     assert lance.dataset(out, storage_options=options).count_rows() == 16
 
