@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -104,8 +105,9 @@ def test_sigkill_driver_after_a_commit_then_rerun_resumes_exactly_once(
             if progress and progress["done"]:
                 break
             time.sleep(0.1)
-        assert first.poll() is None, "the first run ended before it could be killed"
         assert progress and progress["done"], "no commit recorded a finished unit in time"
+        time.sleep(random.Random().uniform(0, 0.6))  # a random point after that commit
+        assert first.poll() is None, "the first run ended before it could be killed"
         first.send_signal(signal.SIGKILL)
         first.wait()
     killed_at = _progress(out, s3_server.storage_options)
