@@ -66,8 +66,7 @@ class TableCommitter:
         return self.dataset().version
 
     def dataset(self) -> lance.LanceDataset:
-        options = storage.lance_options(self.storage_options)
-        return retry_transient(lambda: lance.dataset(self.uri, storage_options=options),
+        return retry_transient(lambda: storage.open_lance(self.uri, self.storage_options),
                                what=f"opening {self.uri}")
 
     def update_metadata(self, values: dict[str, str]) -> None:

@@ -60,12 +60,12 @@ def compact_unlocked(output: str, storage_options: Mapping[str, str], retain_day
     from lance_ray import compact_files
 
     options = storage.lance_options(storage_options)
-    before = len(lance.dataset(output, storage_options=options).get_fragments())
+    before = len(storage.open_lance(output, storage_options).get_fragments())
     compact_files(output, storage_options=options,
                   compaction_options=CompactionOptions(
                       target_rows_per_fragment=target_rows_per_fragment),
                   num_workers=2)
-    dataset = lance.dataset(output, storage_options=options)
+    dataset = storage.open_lance(output, storage_options)
     stats = dataset.cleanup_old_versions(older_than=dt.timedelta(days=retain_days),
                                          delete_unverified=True)
     report = CompactReport(before, len(dataset.get_fragments()), stats.old_versions,

@@ -17,7 +17,7 @@ import pyarrow as pa
 from jobs import read, storage
 from jobs.config import EmbedConfig
 from jobs.errors import ConfigError, InputError, OutputExistsError
-from jobs.progress import ProgressRecord, run_key
+from jobs.progress import ProgressRecord, read_record, run_key
 from jobs.write import REJECTED_SCHEMA, main_schema
 from model import ModelSpec, load_spec
 
@@ -93,12 +93,9 @@ def _resumable(
     config: EmbedConfig, options: dict[str, str], key: str, fingerprints: dict[str, str]
 ) -> ProgressRecord | None:
     """The progress of an interrupted attempt at this same run, if the output holds one."""
-    if config.mode == "overwrite" or not storage.lance_exists(config.output, options):
+    if config.mode == "overwrite":
         return None
-    import lance
-
-    dataset = lance.dataset(config.output, storage_options=storage.lance_options(options))
-    record = ProgressRecord.from_metadata(dataset.metadata)
+    record = read_record(config.output, options)
     if record is None or record.complete:
         return None
     if record.run_key != key:
@@ -220,9 +217,7 @@ def _stamp(
 
 
 def _check_append_schema(config: EmbedConfig, schema: pa.Schema, options: dict) -> None:
-    import lance
-
-    existing = lance.dataset(config.output, storage_options=storage.lance_options(options)).schema
+    existing = storage.open_lance(config.output, options).schema
     ours = [(f.name, f.type) for f in schema]
     theirs = [(f.name, f.type) for f in existing]
     if ours != theirs:

@@ -59,6 +59,15 @@ class ProgressRecord:
         return cls(run_key=data["run_key"], done=data["done"], complete=data["complete"])
 
 
+def read_record(uri: str, options: Mapping[str, str]) -> ProgressRecord | None:
+    """The progress record of the table at ``uri``; None when there is no table or record."""
+    from jobs import storage
+
+    if not storage.lance_exists(uri, options):
+        return None
+    return ProgressRecord.from_metadata(storage.open_lance(uri, options).metadata)
+
+
 def run_key(parts: Mapping[str, object]) -> str:
     """Stable hash of the settings that decide what an output holds."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]

@@ -64,9 +64,7 @@ class ReadSpec:
 def list_units(uri: str, fmt: str, options: Mapping[str, str]) -> list[str]:
     """Input units: the files (or the Lance dataset's fragments as ``uri#<id>``)."""
     if fmt == "lance":
-        import lance
-
-        dataset = lance.dataset(uri, storage_options=storage.lance_options(options))
+        dataset = storage.open_lance(uri, options)
         return [f"{uri}#{frag.fragment_id}" for frag in dataset.get_fragments()]
     return storage.list_files(uri, options, SUFFIXES[fmt])
 
@@ -259,10 +257,8 @@ def _py_array(values: list) -> pa.Array:
 
 
 def _read_lance(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
-    import lance
-
     uri, _, fragment_id = unit.rpartition("#")
-    dataset = lance.dataset(uri, storage_options=storage.lance_options(spec.storage_options))
+    dataset = storage.open_lance(uri, spec.storage_options)
     fragment = dataset.get_fragment(int(fragment_id))
     wanted = [c for c in _wanted(spec) if c in dataset.schema.names]
     for record_batch in fragment.to_batches(batch_size=READ_BATCH_ROWS, columns=wanted):
@@ -379,10 +375,7 @@ def _probe_schema(unit: str, spec: ReadSpec) -> pa.Schema:
             parquet = pq.ParquetFile(handle)
             return parquet.schema_arrow if parquet.metadata.num_rows else pa.schema([])
     if spec.format == "lance":
-        import lance
-
-        options = storage.lance_options(spec.storage_options)
-        return lance.dataset(unit.rpartition("#")[0], storage_options=options).schema
+        return storage.open_lance(unit.rpartition("#")[0], spec.storage_options).schema
     if spec.format == "jsonl":
         for table in _read_jsonl_all_keys(unit, spec):
             return table.schema

@@ -30,7 +30,7 @@ from jobs import storage
 from jobs.config import EmbedConfig
 from jobs.errors import ConfigError
 from jobs.lease import Lease
-from jobs.progress import LAST_RUN_KEY
+from jobs.progress import LAST_RUN_KEY, read_record
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ExistingRows:
 
 @functools.lru_cache(maxsize=4)
 def _dataset(uri: str, version: int, options_json: str) -> lance.LanceDataset:
-    return lance.dataset(uri, version=version, storage_options=json.loads(options_json))
+    return storage.open_lance(uri, json.loads(options_json), version=version)
 
 
 def stamp_mismatch(output: lance.LanceDataset, stamp: Mapping[str, str]) -> list[str]:
@@ -104,7 +104,7 @@ def refresh(config: EmbedConfig, *, keep_deleted: bool = False):
     if not storage.lance_exists(config.output, options):
         raise ConfigError(f"refresh needs an existing output; {config.output!r} does not "
                           "exist: run `embedjob embed` first")
-    output = lance.dataset(config.output, storage_options=storage.lance_options(options))
+    output = storage.open_lance(config.output, options)
     stamp = preflight.plan_stamp(config)
     mismatch = stamp_mismatch(output, stamp)
     if mismatch:
@@ -119,9 +119,9 @@ def _refresh(config: EmbedConfig, options: dict, keep_deleted: bool):
     """Under the output's lease: staging embed, upsert, delete gone ids."""
     from jobs import run
 
-    output = lance.dataset(config.output, storage_options=storage.lance_options(options))
+    output = storage.open_lance(config.output, options)
     ensure_id_index(output)
-    output = lance.dataset(config.output, storage_options=storage.lance_options(options))
+    output = storage.open_lance(config.output, options)
     existing = ExistingRows(uri=config.output, version=output.version, storage_options=options)
     staging = staging_uri(config.output)
     registry = run.new_registry()
@@ -129,11 +129,11 @@ def _refresh(config: EmbedConfig, options: dict, keep_deleted: bool):
                       registry=registry)
     _upsert(config.output, staging, options)
     deleted = 0 if keep_deleted else _delete_gone(config.output, options, registry)
-    final = lance.dataset(config.output, storage_options=storage.lance_options(options))
+    final = storage.open_lance(config.output, options)
     final.optimize.optimize_indices()
     storage.remove_tree(staging, options)
     _upkeep(config, options)
-    final = lance.dataset(config.output, storage_options=storage.lance_options(options))
+    final = storage.open_lance(config.output, options)
     # the last-run record is one more (metadata-only) version
     summary = dataclasses.replace(summary, output=config.output, rows_deleted=deleted,
                                   table_version=final.version + 1)
@@ -148,10 +148,10 @@ def _upkeep(config: EmbedConfig, options: dict) -> None:
     """Compact when small fragments piled up; apply the version retention when set."""
     from jobs import maintain
 
-    dataset = lance.dataset(config.output, storage_options=storage.lance_options(options))
+    dataset = storage.open_lance(config.output, options)
     if maintain.piled_up(dataset):  # (the refresh holds the output's lease already)
         maintain.compact_unlocked(config.output, options, config.retain_days or 7.0,
-                          maintain.TARGET_ROWS_PER_FRAGMENT)
+                                  maintain.TARGET_ROWS_PER_FRAGMENT)
     elif config.retain_days is not None:
         dataset.cleanup_old_versions(older_than=dt.timedelta(days=config.retain_days))
 
@@ -159,24 +159,18 @@ def _upkeep(config: EmbedConfig, options: dict) -> None:
 def _staging_config(config: EmbedConfig, staging: str, options: dict) -> EmbedConfig:
     """The embed run for new/changed rows: resumes an interrupted staging table, else
     starts it over. The rejected table of a refresh lists every invalid corpus row."""
-    from jobs.progress import ProgressRecord
-
-    mode = "overwrite"
-    if storage.lance_exists(staging, options):
-        held = lance.dataset(staging, storage_options=storage.lance_options(options)).metadata
-        record = ProgressRecord.from_metadata(held)
-        mode = "create" if record is not None and not record.complete else "overwrite"
+    record = read_record(staging, options)
+    mode = "create" if record is not None and not record.complete else "overwrite"
     return dataclasses.replace(config, output=staging, mode=mode,
                                rejected_output=config.rejected_uri, summary_json=None)
 
 
 def _upsert(output: str, staging: str, options: dict) -> None:
     """Merge-insert the staging rows into the output on ``id``; one atomic commit."""
-    lance_options = storage.lance_options(options)
-    rows = lance.dataset(staging, storage_options=lance_options)
+    rows = storage.open_lance(staging, options)
     if rows.count_rows() == 0:
         return
-    target = lance.dataset(output, storage_options=lance_options)
+    target = storage.open_lance(output, options)
     schema = target.schema
     reader = pa.RecordBatchReader.from_batches(
         schema, (batch.cast(schema) for batch in rows.to_batches(columns=schema.names)))
@@ -186,7 +180,7 @@ def _upsert(output: str, staging: str, options: dict) -> None:
 
 def _delete_gone(output: str, options: dict, registry) -> int:
     """Delete rows whose id no valid corpus row claimed in this refresh."""
-    dataset = lance.dataset(output, storage_options=storage.lance_options(options))
+    dataset = storage.open_lance(output, options)
     gone: list = []
     for batch in dataset.to_batches(columns=["id"], batch_size=65536):
         ids = batch.column("id").to_pylist()

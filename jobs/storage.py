@@ -84,6 +84,13 @@ def lance_options(options: Mapping[str, str]) -> dict[str, str]:
     return dict(options)
 
 
+def open_lance(uri: str, options: Mapping[str, str], version: int | None = None):
+    """The Lance dataset at ``uri`` (latest version unless ``version``), with these options."""
+    import lance
+
+    return lance.dataset(uri, version=version, storage_options=lance_options(options))
+
+
 def pyarrow_filesystem(uri: str, options: Mapping[str, str]) -> pafs.FileSystem:
     """A pyarrow filesystem for ``uri`` (S3 needs ``endpoint_override`` explicitly)."""
     if not is_s3(uri):

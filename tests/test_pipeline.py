@@ -202,3 +202,19 @@ def test_jsonl_bad_lines_and_types_are_rejected_with_reasons(ray_session, golden
     assert reasons[1] == "text is not a string (int)"
     assert reasons[2] == "JSON line is a list, not an object"
     assert summary.rows_rejected == 3
+
+
+def test_lance_input_fragments_are_read_units(ray_session, golden_dir, embedder, tmp_path):
+    rows = real_rows(12, offset=600)
+    lance.write_dataset(to_table(rows), tmp_path / "in.lance", max_rows_per_file=5)
+    assert len(lance.dataset(tmp_path / "in.lance").get_fragments()) == 3
+    config = EmbedConfig(input=str(tmp_path / "in.lance"), output=str(tmp_path / "o.lance"),
+                         model=str(golden_dir), keep_columns=("lang",))
+    summary = run(config)
+    table = lance.dataset(config.output).to_table()
+    assert summary.rows_embedded == 12
+    assert sorted(set(table.column("source_file").to_pylist())) == [
+        f"{tmp_path / 'in.lance'}#{i}" for i in range(3)]
+    got = vectors_by_id(table)
+    expected = _reference(embedder, rows)
+    assert max(np.abs(got[i] - expected[i]).max() for i in expected) < 1e-5
