@@ -72,6 +72,6 @@ def build(
         write_block,
         fn_kwargs={"output": cfg.output, "rejected_output": cfg.rejected_uri,
                    "schema": plan.schema, "storage_options": opts,
-                   "replace_schema": plan.recreate_output},
+                   "replace_schema": plan.replace_schema},
         batch_size=cfg.write_batch_rows, batch_format=ARROW, num_cpus=cpu,
     )

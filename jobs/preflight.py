@@ -44,6 +44,7 @@ class RunPlan:
     schema: pa.Schema
     rejected_schema: pa.Schema
     recreate_output: bool
+    replace_schema: bool  # recreating over an existing table with other columns
     recreate_rejected: bool
 
 
@@ -77,14 +78,19 @@ def plan_run(config: EmbedConfig) -> RunPlan:
     stamp = _stamp(config, spec, task, dims)
     schema = main_schema(read_spec.id_type, spec.hidden_size, dims, config.vector_dtype,
                          keep_fields, stamp)
-    if not recreate_output:
-        _check_append_schema(config, schema, options)
+    held, ours = _existing_columns(config, options), _columns(schema)
+    if not recreate_output and held != ours:
+        raise ConfigError(
+            f"appending to output {config.output!r}, which has columns {held}; "
+            f"this run would write {ours}"
+        )
     todo = [u for u in units if resumed is None or u not in resumed.done]
     return RunPlan(
         config=config, storage_options=options, units=todo, fingerprints=fingerprints,
         run_key=key, resumed=resumed, spec=spec, task=task, dims=dims,
         hidden_size=spec.hidden_size, read_spec=read_spec, schema=schema,
         rejected_schema=REJECTED_SCHEMA, recreate_output=recreate_output,
+        replace_schema=recreate_output and held is not None and held != ours,
         recreate_rejected=recreate_rejected,
     )
 
@@ -216,12 +222,14 @@ def _stamp(
     }
 
 
-def _check_append_schema(config: EmbedConfig, schema: pa.Schema, options: dict) -> None:
-    existing = storage.open_lance(config.output, options).schema
-    ours = [(f.name, f.type) for f in schema]
-    theirs = [(f.name, f.type) for f in existing]
-    if ours != theirs:
-        raise ConfigError(
-            f"mode 'append' but output {config.output!r} has columns {theirs}; "
-            f"this run would write {ours}"
-        )
+def _existing_columns(
+    config: EmbedConfig, options: dict
+) -> list[tuple[str, pa.DataType]] | None:
+    """The output's columns, or None when there is no output yet."""
+    if not storage.lance_exists(config.output, options):
+        return None
+    return _columns(storage.open_lance(config.output, options).schema)
+
+
+def _columns(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:
+    return [(f.name, f.type) for f in schema]
