@@ -1,8 +1,13 @@
 """Encoder throughput of the jina-embeddings-v3 architecture with random weights.
 
-Feeds real token lengths (the XLM-R tokenizer on real text) through ``Embedder.encode_ids``
-in token-budget batches, padded or packed, and prints tokens/s, padding efficiency and, on
-CUDA, MFU. Not a test; numbers depend on the machine.
+Feeds real token lengths (the XLM-R tokenizer on real text), or a synthetic length mix
+(``--synthetic``), through ``Embedder.encode_batches`` in length-sorted token-budget batches:
+padded, packed (varlen attention) or packed through the old block-diagonal mask
+(``--block-mask``), eager or ``--compile``. The model is ``jobs.bench.model_dir(config)``
+(random weights, original layout, cached) loaded by ``load_embedder`` with ``--task`` merged.
+Two passes over all batches: the first includes compilation and warm-up, the second is the
+timed one. Prints tokens/s, padding efficiency and, on CUDA, MFU. Not a test; numbers depend
+on the machine.
 
 FLOPs per token (forward, stated so MFU can be checked):
     2 * params_nonembedding + 4 * layers * seq * hidden
@@ -10,7 +15,8 @@ where seq is the length of the token's own sequence (useful attention work only:
 padding and the off-diagonal blocks of a packed mask are not counted).
 
     python benchmarks/model_bench.py --config small            # 6 x 384, CPU-sized
-    python benchmarks/model_bench.py --device cuda --config full --packed
+    python benchmarks/model_bench.py --synthetic 400 --max-tokens-per-batch 16384 --packed
+    python benchmarks/model_bench.py --device cuda --config full --packed --compile
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,14 +37,13 @@ sys.path.insert(0, str(REPO))
 from jobs.bench import (  # noqa: E402
     CONFIGS,
     FLOPS_FORMULA,
-    Shape,
     forward_flops,
+    model_dir,
     nonembedding_params,
     peak_tflops,
     tokenizer_dir,
 )
-from model.embedder import Embedder  # noqa: E402
-from model.spec import ModelSpec  # noqa: E402
+from model.embedder import Embedder, load_embedder  # noqa: E402
 
 logger = logging.getLogger("model_bench")
 
@@ -60,9 +64,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--join", type=int, default=4, help="consecutive rows joined per text")
     p.add_argument("--texts", type=int, default=512, help="texts to encode")
     p.add_argument("--max-tokens", type=int, default=8194, help="truncation per text")
+    p.add_argument("--synthetic", type=int, default=None, metavar="ROWS",
+                   help="random token ids instead of a corpus: ROWS rows of 20-400 tokens "
+                        "(uniform, seeded) plus one row of --long-tokens")
+    p.add_argument("--long-tokens", type=int, default=8000, help="with --synthetic; 0: none")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens-per-batch", type=int, default=8192)
     p.add_argument("--packed", action="store_true", help="pack instead of right-padding")
-    p.add_argument("--warmup-batches", type=int, default=2)
+    p.add_argument("--block-mask", action="store_true",
+                   help="with --packed: the old [1, 1, T, T] block-diagonal mask, not varlen")
+    p.add_argument("--compile", action="store_true", help="torch.compile(dynamic=True)")
+    p.add_argument("--task", default="retrieval.passage", help="adapter merged into the weights")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p.parse_args()
@@ -109,38 +121,33 @@ def plan(lengths: list[int], budget: int, packed: bool) -> list[list[int]]:
     return batches
 
 
-def random_embedder(shape: Shape, device: torch.device, dtype: torch.dtype,
-                    max_tokens: int) -> Embedder:
-    from transformers import JinaEmbeddingsV3Config, JinaEmbeddingsV3Model
-
-    config = JinaEmbeddingsV3Config(
-        vocab_size=250002, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, intermediate_size=shape.ffn,
-        rope_parameters={"rope_type": "default", "rope_theta": 20000.0},
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    model = JinaEmbeddingsV3Model(config).to(device=device, dtype=dtype).eval()
-    spec = ModelSpec(source="random", kind="jina-v3", tasks=(), default_task=None,
-                     matryoshka_dims=(shape.hidden,), hidden_size=shape.hidden,
-                     max_tokens=max_tokens, pooling="mean", fingerprint="random",
-                     revision=None, local_dir=tempfile.gettempdir())
-    return Embedder(spec, model, device=device, dtype=dtype, merged_task=None, pad_id=1,
-                    position_offset=0)
+def synthetic_ids(rows: int, long_tokens: int, seed: int) -> list[np.ndarray]:
+    """``rows`` rows of 20-400 random token ids plus one of ``long_tokens`` (0: none)."""
+    rng = np.random.default_rng(seed)
+    lengths = [*rng.integers(20, 401, rows).tolist(), *([long_tokens] if long_tokens else [])]
+    return [rng.integers(5, 250000, n).astype(np.int32) for n in lengths]
 
 
-def run(emb: Embedder, ids: list[np.ndarray], batches: list[list[int]], packed: bool,
-        warmup: int) -> float:
-    """Seconds for all batches after ``warmup`` untimed ones."""
+def run(emb: Embedder, ids: list[np.ndarray], batches: list[list[int]], *, task: str,
+        packed: bool) -> tuple[float, float]:
+    """Seconds of a first pass over all batches (compilation, warm-up) and of a second."""
     sync = torch.cuda.synchronize if emb.device.type == "cuda" else (lambda: None)
-    for rows in batches[:warmup]:
-        emb.encode_ids([ids[i] for i in rows], packed=packed)
-    sync()
-    start = time.perf_counter()
-    for rows in batches:
-        emb.encode_ids([ids[i] for i in rows], packed=packed)
-    sync()
-    return time.perf_counter() - start
+    rows = [[ids[i] for i in b] for b in batches]
+    seconds = []
+    for _ in range(2):
+        sync()
+        start = time.perf_counter()
+        emb.encode_batches(rows, task=task, packed=packed)
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return seconds[0], seconds[1]
+
+
+def mode(args: argparse.Namespace, emb: Embedder) -> str:
+    """padded, packed-varlen or packed-block-mask."""
+    if not args.packed:
+        return "padded"
+    return "packed-varlen" if emb.varlen else "packed-block-mask"
 
 
 def main() -> None:
@@ -152,13 +159,20 @@ def main() -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     shape = CONFIGS[args.config]
-    tokenizer, tok_dir = load_tokenizer(args.tokenizer)
-    texts, corpus = corpus_texts(args.corpus, args.text_column, args.join, args.texts)
-    ids = token_ids(tokenizer, texts, args.max_tokens)
+    if args.synthetic is not None:
+        ids = synthetic_ids(args.synthetic, args.long_tokens, args.seed)
+        tok_dir = corpus = None
+    else:
+        tokenizer, tok_dir = load_tokenizer(args.tokenizer)
+        texts, corpus = corpus_texts(args.corpus, args.text_column, args.join, args.texts)
+        ids = token_ids(tokenizer, texts, args.max_tokens)
     lengths = [len(x) for x in ids]
     batches = plan(lengths, args.max_tokens_per_batch, args.packed)
-    emb = random_embedder(shape, device, dtype, args.max_tokens)
-    seconds = run(emb, ids, batches, args.packed, args.warmup_batches)
+    emb = load_embedder(str(model_dir(args.config)), device=args.device, dtype=dtype,
+                        merge_task=args.task, compile=args.compile)
+    if args.block_mask:
+        emb.varlen = False
+    first_s, seconds = run(emb, ids, batches, task=args.task, packed=args.packed)
 
     tokens = sum(lengths)
     computed = tokens if args.packed else sum(len(b) * max(lengths[i] for i in b) for b in batches)
@@ -169,7 +183,8 @@ def main() -> None:
     result = {
         "config": args.config, **vars(shape), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(dtype).removeprefix("torch."), "mode": "packed" if args.packed else "padded",
+        "dtype": str(dtype).removeprefix("torch."), "mode": mode(args, emb),
+        "compile": args.compile, "first_pass_s": round(first_s, 3),
         "texts": len(ids), "batches": len(batches), "tokens": tokens,
         "mean_tokens_per_text": round(tokens / len(ids), 1), "max_tokens_per_text": max(lengths),
         "max_tokens_per_batch": args.max_tokens_per_batch, "seconds": round(seconds, 3),
@@ -179,12 +194,14 @@ def main() -> None:
         "flops_per_token_formula": FLOPS_FORMULA,
         "tflops_achieved": round(flops / seconds / 1e12, 3),
         "mfu": round(flops / seconds / 1e12 / peak, 4) if peak else None,
-        "peak_tflops": peak, "tokenizer": str(tok_dir), "corpus": str(corpus),
+        "peak_tflops": peak, "tokenizer": tok_dir and str(tok_dir),
+        "corpus": corpus and str(corpus), "synthetic": args.synthetic,
         "threads": torch.get_num_threads(),
     }
-    logger.info("%s %s %s on %s: %.1f tokens/s, padding efficiency %.3f, %.2f TFLOP/s%s",
-                args.config, result["mode"], result["dtype"], result["device_name"],
-                result["tokens_per_s"], result["padding_efficiency"],
+    logger.info("%s %s%s %s on %s: %.1f tokens/s (first pass %.1f s), padding efficiency %.3f, "
+                "%.2f TFLOP/s%s", args.config, result["mode"], " compiled" if args.compile else "",
+                result["dtype"], result["device_name"], result["tokens_per_s"], first_s,
+                result["padding_efficiency"],
                 result["tflops_achieved"], f", MFU {result['mfu']:.3f}" if peak else "")
     print(json.dumps(result))
 

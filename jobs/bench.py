@@ -17,9 +17,9 @@ fraction (1%) of rows with 7000-8190 tokens, tokenized with the real XLM-R token
 
 The model is jina-embeddings-v3-shaped with random weights, written once in the original
 on-disk layout (fused Wqkv, stacked LoRA adapters of the five tasks) to a cache dir, so the
-pipeline loads it exactly like the real checkpoint. CPU default: 2 x 64 (``tiny``, see
-``BenchConfig.shape_name``), ``small`` = 6 x 384 via ``--model-config``;
-CUDA default: the full 24 x 1024 in bf16.
+pipeline loads it exactly like the real checkpoint. CPU default: ``small`` = 6 x 384 (the
+encoder dominates, as on a GPU), 100 rows (see ``DEFAULT_ROWS``); CUDA default: the full
+24 x 1024 in bf16, 20,000 rows. ``tiny`` (2 x 64) is for tests.
 
 FLOPs per token (forward), for MFU on CUDA:
     2 * params_nonembedding + 4 * layers * seq * hidden
@@ -86,6 +86,12 @@ CONFIGS: dict[str, Shape] = {
 # Dense bf16 peak TFLOP/s per GPU (vendor datasheets, no sparsity).
 PEAK_BF16_TFLOPS: dict[str, float] = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
 RUNS: tuple[str, ...] = ("pipeline", "naive", "model_only")
+# Default corpus rows. CPU: the naive recipe pads 31 rows to each long row; one such
+# 32 x ~8000-token forward of the 6 x 384 shape takes ~5 min and ~14 GB on the 2-core VM,
+# so 100 rows (one long row) keep the default run to a few minutes. CUDA: enough rows
+# that the full model's forwards outlast the job's fixed costs.
+DEFAULT_ROWS: dict[str, int] = {"cpu": 100, "cuda": 20000}
+DRIVER_RSS_ROWS = 1000  # at least this many rows at 1x when the driver's memory is compared
 FLOPS_FORMULA = "2 * params_nonembedding + 4 * layers * seq * hidden per token"
 
 
@@ -94,11 +100,11 @@ class BenchConfig:
     """One ``embedjob bench`` invocation.
 
     Attributes:
-        rows: Corpus rows.
+        rows: Corpus rows; None: ``DEFAULT_ROWS`` of the device.
         seed: Seed of the corpus (lengths, languages, offsets into the text).
         long_fraction: Fraction of rows drawn from ``LONG_TOKENS`` (the long tail).
         files: Parquet files the corpus is split into.
-        config: Model shape, a key of ``CONFIGS``; None: ``tiny`` on CPU, ``full`` on CUDA.
+        config: Model shape, a key of ``CONFIGS``; None: ``small`` on CPU, ``full`` on CUDA.
         device: ``cpu`` or ``cuda``.
         threads: Torch threads of the encoder in all three runs (CPU); None: all cores.
         task: Task adapter merged into the weights and whose prefix is applied.
@@ -108,13 +114,15 @@ class BenchConfig:
         num_actors: Encode actors of the pipeline run.
         vector_dtype: Stored vector type of the pipeline run.
         packed: Packed instead of padded forwards (pipeline and model-only).
+        compile: ``torch.compile`` the encoder (pipeline and model-only; the model-only
+            warm-up compiles, untimed, the pipeline's actors compile inside its wall time).
         runs: Which of ``RUNS`` to measure (all three by default); a skipped run is null.
         scaling: Also run the pipeline with 2 actors and with a 10x corpus.
         workdir: Corpus and outputs; None: a temporary dir, removed at the end.
         peak_tflops: Dense bf16 peak of the GPU; None: from ``PEAK_BF16_TFLOPS``.
     """
 
-    rows: int = 200
+    rows: int | None = None
     seed: int = 0
     long_fraction: float = 0.01
     files: int = 4
@@ -128,6 +136,7 @@ class BenchConfig:
     num_actors: int = 1
     vector_dtype: Literal["float32", "float16"] = "float32"
     packed: bool = False
+    compile: bool = False
     runs: tuple[str, ...] = ("pipeline", "naive", "model_only")
     scaling: bool = False
     workdir: str | None = None
@@ -145,17 +154,20 @@ class BenchConfig:
             raise ValueError(f"runs {list(self.runs)} must be a non-empty subset of {list(RUNS)}")
         if not 0 <= self.long_fraction <= 1:
             raise ValueError(f"long_fraction {self.long_fraction} not in [0, 1]")
-        for name in ("rows", "files", "max_tokens_per_batch", "window_rows",
+        for name in ("files", "max_tokens_per_batch", "window_rows",
                      "naive_batch_rows", "num_actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be >= 1")
+        if self.rows is not None and self.rows < 1:
+            raise ValueError(f"rows {self.rows} must be >= 1")
 
     @property
     def shape_name(self) -> str:
-        # CPU default: the naive recipe pads 31 rows to every long row, and on the 2-core VM
-        # one 32 x 8000-token padded forward of the 6 x 384 shape takes ~10 min and > 16 GB
-        # (measured 4 x 8000: 77 s); tiny keeps the default run to a few minutes.
-        return self.config or ("full" if self.device == "cuda" else "tiny")
+        return self.config or ("full" if self.device == "cuda" else "small")
+
+    @property
+    def corpus_rows(self) -> int:
+        return self.rows or DEFAULT_ROWS[self.device]
 
     @property
     def encoder_threads(self) -> int:
@@ -412,7 +424,7 @@ class RssSampler:
     actors); their peak is the largest single worker's RSS.
     """
 
-    def __init__(self, interval_s: float = 0.2) -> None:
+    def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
         self.driver = 0
         self.worker = 0
@@ -475,7 +487,8 @@ def run_pipeline(cfg: BenchConfig, corpus: Corpus, model: str, output: str,
         max_tokens_per_batch=cfg.max_tokens_per_batch, window_rows=cfg.window_rows,
         num_actors=cfg.num_actors, gpus_per_actor=1.0 if gpu else 0.0,
         cpus_per_actor=float(_actor_cpus(cfg) // (1 if gpu else cfg.num_actors) or 1),
-        cpus_per_task=0.5, packed=cfg.packed, vector_dtype=cfg.vector_dtype,
+        cpus_per_task=0.5, packed=cfg.packed, compile=cfg.compile,
+        vector_dtype=cfg.vector_dtype,
         mode="overwrite",
     )
     with RssSampler() as rss:
@@ -565,31 +578,38 @@ def _model_only(cfg: BenchConfig, corpus: Corpus, model: str) -> dict[str, Any]:
 
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.encoder_threads)
-    embedder = load_embedder(model, device=cfg.device, merge_task=cfg.task)
+    embedder = load_embedder(model, device=cfg.device, merge_task=cfg.task, compile=cfg.compile)
     texts = pds.dataset(corpus.path, format="parquet").to_table(columns=["text"])
-    ids = embedder.tokenizer.tokenize(texts.column("text").to_pylist(), cfg.task).ids
-    batches = []  # each a list of rows, sorted by length inside windows as the bucket stage does
+    tokenizer = embedder.tokenizer
+    tokenizer.tokenize(["warm up"], cfg.task)  # loads the tokenizer: untimed
+    tokenizing = time.perf_counter()
+    ids = tokenizer.tokenize(texts.column("text").to_pylist(), cfg.task).ids
+    tokenizing = time.perf_counter() - tokenizing
+    # per window, its batches: rows sorted by length and cut as the bucket stage does; the
+    # encode actor gets one window per call
+    windows: list[list[list[np.ndarray]]] = []
+    overhead = default_overhead_tokens(cfg.max_tokens_per_batch, cfg.device == "cuda")
     for start in range(0, len(ids), cfg.window_rows):
         window = ids[start: start + cfg.window_rows]
         order = length_order(np.array([len(x) for x in window]))
         lengths = np.array([len(window[i]) for i in order])
-        overhead = default_overhead_tokens(cfg.max_tokens_per_batch, cfg.device == "cuda")
-        for run in plan_batches(lengths, cfg.max_tokens_per_batch, not cfg.packed,
-                                overhead_tokens=overhead):
-            batches.append([window[i] for i in order[run.start: run.stop]])
-    embedder.encode_ids(batches[0][:1], task=cfg.task, packed=cfg.packed)  # warm-up, untimed
-    sync = torch.cuda.synchronize if cfg.device == "cuda" else (lambda: None)
-    sync()
+        windows.append([[window[i] for i in order[run.start: run.stop]]
+                        for run in plan_batches(lengths, cfg.max_tokens_per_batch,
+                                                not cfg.packed, overhead_tokens=overhead)])
+    batches = [b for w in windows for b in w]
+    # warm-up, untimed (and the compiles of one row and of several rows)
+    embedder.encode_batches([batches[0][:1], batches[-1][:2]], task=cfg.task, packed=cfg.packed)
     started = time.perf_counter()
-    for batch in batches:
-        embedder.encode_ids(batch, task=cfg.task, packed=cfg.packed)
-    sync()
+    for window_batches in windows:  # each call waits for the device once
+        embedder.encode_batches(window_batches, task=cfg.task, packed=cfg.packed)
     wall_s = time.perf_counter() - started
     lengths = np.array([len(x) for x in ids])
     processed = sum(batch_cost(np.array([len(x) for x in b]), not cfg.packed) for b in batches)
     return {"tokens": int(lengths.sum()), "processed": processed, "wall_s": wall_s,
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
-            "lengths": lengths.tolist(), "batches": len(batches)}
+            "lengths": lengths.tolist(), "batches": len(batches),
+            # the CPU stage's speed beside the encoder's: tokenize tasks one actor needs
+            "tokenizer_tokens_per_s": round(float(lengths.sum()) / tokenizing, 1)}
 
 
 def _flops(cfg: BenchConfig, lengths: np.ndarray) -> float | None:
@@ -643,8 +663,8 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
     workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="embedjob-bench-"))
     try:
         model = str(model_dir(cfg.shape_name, seed=cfg.seed))
-        corpus = make_corpus(workdir / "corpus", rows=cfg.rows, long_fraction=cfg.long_fraction,
-                             seed=cfg.seed, files=cfg.files)
+        corpus = make_corpus(workdir / "corpus", rows=cfg.corpus_rows,
+                             long_fraction=cfg.long_fraction, seed=cfg.seed, files=cfg.files)
         device, peak = _device(cfg)
         logger.info("corpus %s; model %s; device %s", corpus, model, device)
         calls = {
@@ -689,19 +709,20 @@ def _timed(name: str, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str
 
 def _scaling(cfg: BenchConfig, workdir: Path, peak: float | None) -> dict[str, Any]:
     """Pipeline with 2 encode actors (same corpus), and driver RSS at 1x vs 10x rows."""
-    corpus = Corpus(path=str(workdir / "corpus"), rows=cfg.rows, long_rows=0, target_tokens=0)
+    corpus = Corpus(path=str(workdir / "corpus"), rows=cfg.corpus_rows, long_rows=0,
+                    target_tokens=0)
     model = str(model_dir(cfg.shape_name, seed=cfg.seed))
     two = run_pipeline(replace(cfg, num_actors=2), corpus, model,
                        str(workdir / "pipeline2.lance"), peak)
     # driver memory: the tiny model, no long tail (the question is the driver, not the encoder)
-    small = replace(cfg, config="tiny", long_fraction=0.0, num_actors=1)
+    tiny = replace(cfg, config="tiny", long_fraction=0.0, num_actors=1)
     tiny_model = str(model_dir("tiny", seed=cfg.seed))
-    driver = {}
+    driver, base = {}, max(cfg.corpus_rows, DRIVER_RSS_ROWS)
     for factor in (1, 10):
-        rows = cfg.rows * factor
+        rows = base * factor
         c = make_corpus(workdir / f"corpus-{factor}x", rows=rows, long_fraction=0.0,
                         seed=cfg.seed, files=cfg.files * factor)
-        r = run_pipeline(replace(small, rows=rows), c, tiny_model,
+        r = run_pipeline(replace(tiny, rows=rows), c, tiny_model,
                          str(workdir / f"driver-{factor}x.lance"), None)
         driver[f"{factor}x"] = {"rows": rows, "tokens": r["tokens"], "wall_s": r["wall_s"],
                                 "driver_peak_rss_bytes": r["driver_peak_rss_bytes"]}

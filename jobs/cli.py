@@ -46,7 +46,13 @@ def _embed_parser(sub: argparse._SubParsersAction, name: str = "embed") -> None:
     p.add_argument("--gpus-per-actor", dest="gpus_per_actor", type=float)
     p.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=float)
     p.add_argument("--cpus-per-task", dest="cpus_per_task", type=float)
+    p.add_argument("--actor-prefetch", dest="actor_prefetch", type=int,
+                   help="blocks queued per encode actor (default 2)")
+    p.add_argument("--tokenize-tasks", dest="tokenize_tasks", type=int,
+                   help="most tokenize tasks at once (default: as CPUs allow; "
+                   "`embedjob plan` measures what the actors need)")
     p.add_argument("--packed", action="store_true", help="pack sequences instead of padding")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     p.add_argument("--fail-fast", dest="fail_fast", action="store_true",
                    help="stop at the first unreadable file or broken line")
     p.add_argument("--vector-dtype", dest="vector_dtype", choices=VECTOR_DTYPES)
@@ -70,13 +76,14 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     d = BenchConfig()
     p = sub.add_parser("bench", help="benchmark: this pipeline vs the naive Ray Data recipe vs "
                        "the model-only bound (last line: one JSON object)")
-    p.add_argument("--rows", type=int, default=d.rows, help="corpus rows")
+    p.add_argument("--rows", type=int, default=d.rows,
+                   help="corpus rows (default: 100 on cpu, 20000 on cuda)")
     p.add_argument("--seed", type=int, default=d.seed, help="corpus seed")
     p.add_argument("--long-fraction", dest="long_fraction", type=float,
                    default=d.long_fraction, help="rows of 7000-8190 tokens")
     p.add_argument("--files", type=int, default=d.files, help="parquet files of the corpus")
     p.add_argument("--model-config", dest="config", choices=list(CONFIGS), default=None,
-                   help="random-weight jina-v3 shape (default: tiny on cpu, full on cuda)")
+                   help="random-weight jina-v3 shape (default: small on cpu, full on cuda)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=d.device)
     p.add_argument("--threads", type=int, default=None, help="encoder threads (default: all)")
     p.add_argument("--task", choices=TASKS, default=d.task)
@@ -89,6 +96,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vector-dtype", dest="vector_dtype", choices=VECTOR_DTYPES,
                    default=d.vector_dtype)
     p.add_argument("--packed", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     p.add_argument("--runs", type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
                    default=d.runs, help="comma-separated subset of " + ",".join(RUNS))
     p.add_argument("--scaling", action="store_true",

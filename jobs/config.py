@@ -61,12 +61,23 @@ class EmbedConfig:
         cpus_per_actor: CPUs reserved per encode actor (its torch threads on CPU actors:
             at least 1). 0.5 lets a 2-core machine run the CPU stages beside one actor.
         cpus_per_task: CPUs reserved per read/tokenize/bucket/write task.
+        actor_prefetch: Blocks queued on each encode actor (Ray's
+            ``max_tasks_in_flight_per_actor``): the next block's transfer to the actor
+            overlaps the current block's forwards, so the encoder never waits on the object
+            store between blocks.
+        tokenize_tasks: Most tokenize tasks at once; None lets Ray Data run as many as
+            CPUs allow. ``embedjob plan`` measures the tokenizer on a sample of the input and
+            prints how many tasks keep the encode actors fed.
         read_memory_bytes: Memory reserved per read task (one input file at a time, in
             8192-row batches; a Parquet row group is decoded whole, so 512 MiB leaves room
             for row groups of a few hundred MB).
-        packed: Concatenate sequences into one row (block-diagonal attention) instead of
-            padding; pays off on GPUs with varlen attention, not on CPU.
+        packed: Concatenate each batch's sequences into one row that attends per sequence
+            (varlen: PyTorch's fused kernel on CUDA in bf16/fp16, SDPA per sequence length
+            elsewhere; a block-diagonal mask for generic models) instead of padding: no
+            padding, and batches cut by the sum of lengths.
         vector_dtype: Stored vector element type.
+        compile: ``torch.compile`` the encoder (dynamic shapes, compiled by each actor on its
+            first forwards); see BENCHMARKS.md for when it pays.
         mode: ``create`` refuses an existing output, ``overwrite`` replaces it, ``append``
             adds to it.
         summary_json: Where to write the run summary as JSON (local path); None: beside
@@ -103,9 +114,12 @@ class EmbedConfig:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 0.5
     cpus_per_task: float = 0.5
+    actor_prefetch: int = 2
+    tokenize_tasks: int | None = None
     read_memory_bytes: int = 512 * 1024 * 1024
     packed: bool = False
     vector_dtype: Literal["float32", "float16"] = "float32"
+    compile: bool = False
     mode: Literal["create", "overwrite", "append"] = "create"
     summary_json: str | None = None
     rejected_output: str | None = None
@@ -126,9 +140,12 @@ class EmbedConfig:
         _require(self.vector_dtype in VECTOR_DTYPES, "vector_dtype", self.vector_dtype,
                  VECTOR_DTYPES)
         for name in ("max_tokens_per_batch", "window_rows", "num_actors", "tokenize_batch_rows",
-                     "write_batch_rows", "read_memory_bytes"):
+                     "write_batch_rows", "read_memory_bytes", "actor_prefetch"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
+        _require(self.tokenize_tasks is None or (isinstance(self.tokenize_tasks, int)
+                                                 and self.tokenize_tasks >= 1),
+                 "tokenize_tasks", self.tokenize_tasks, "an integer >= 1 or None")
         _require(self.window_rows <= 1 << 20, "window_rows", self.window_rows, "<= 1048576")
         _require(self.gpus_per_actor >= 0, "gpus_per_actor", self.gpus_per_actor, "a number >= 0")
         for name in ("cpus_per_actor", "cpus_per_task", "commit_interval_s", "lease_ttl_s"):

@@ -39,11 +39,13 @@ class EncodeActor:
         dims: tuple[int, ...],
         vector_dtype: str,
         packed: bool,
+        compile: bool = False,
         use_gpu: bool,
         cpu_threads: int,
         storage_options: Mapping[str, str],
         registry=None,
     ) -> None:
+        started = time.perf_counter()
         import torch
 
         from model import load_embedder
@@ -52,7 +54,8 @@ class EncodeActor:
             torch.set_num_threads(max(1, cpu_threads))
         filesystem = storage.s3fs_filesystem(storage_options) if storage.is_s3(model) else None
         self.embedder = load_embedder(
-            model, device="cuda" if use_gpu else "cpu", merge_task=task, filesystem=filesystem
+            model, device="cuda" if use_gpu else "cpu", merge_task=task, filesystem=filesystem,
+            compile=compile,
         )
         self.task = task
         self.dims = dims
@@ -62,18 +65,20 @@ class EncodeActor:
         self.out_of_memory = (torch.OutOfMemoryError, MemoryError)
         self.oom_above_tokens = int(faults.value(OOM_ABOVE_TOKENS_ENV) or 0)
         self.delay_s = float(faults.value(DELAY_ENV) or 0)
+        logger.info("encode actor ready in %.2f s (imports + model load)",
+                    time.perf_counter() - started)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if self.delay_s:
             time.sleep(self.delay_s)
+        started = time.perf_counter()
         n = table.num_rows
         vectors = np.zeros((n, self.embedder.hidden_size), np.float32)
         processed = np.zeros(n, np.int64)
         reasons = table.column("_reject").to_pylist()
         rows = _row_ids(table.column("input_ids"))
         batch_of = table.column("_batch").to_numpy()
-        for run in batch_runs(batch_of):
-            self._encode_run(rows, run.start, run.stop, vectors, processed, reasons)
+        self._encode_block(rows, batch_runs(batch_of), vectors, processed, reasons)
         late = [i for i in range(n) if batch_of[i] >= 0 and reasons[i] is not None]
         self._release(table, late)
         valid = np.array([r is None for r in reasons], bool)
@@ -82,7 +87,36 @@ class EncodeActor:
         table = table.append_column("_processed_tokens", pa.array(processed, pa.int64()))
         for name, column in vector_columns(vectors, valid, self.dims, self.dtype).items():
             table = table.append_column(name, column)
+        logger.debug("encoded %d rows (%d tokens processed) in %.2f s", n, int(processed.sum()),
+                    time.perf_counter() - started)
         return table
+
+    def _encode_block(
+        self,
+        rows: list[np.ndarray],
+        runs: list[range],
+        vectors: np.ndarray,
+        processed: np.ndarray,
+        reasons: list[str | None],
+    ) -> None:
+        """Every forward of the block with one wait for the device (the host prepares the
+        next forward while the GPU runs this one); after an out-of-memory error, forward by
+        forward with halving (``_encode_run``)."""
+        batches = [rows[run.start : run.stop] for run in runs]
+        try:
+            for ids in batches:
+                self._simulate_oom(ids)
+            outs = self.embedder.encode_batches(batches, task=self.task, packed=self.packed)
+        except self.out_of_memory as exc:
+            _free_accelerator_memory(self.embedder.device)
+            logger.warning("out of memory in a block of %d forwards (%s); one by one", len(runs),
+                           exc)
+            for run in runs:
+                self._encode_run(rows, run.start, run.stop, vectors, processed, reasons)
+            return
+        for run, ids, out in zip(runs, batches, outs, strict=True):
+            vectors[run.start : run.stop] = self._checked(out, ids)
+            processed[run.start : run.stop] = _processed(ids, self.packed)
 
     def _encode_run(
         self,
@@ -109,11 +143,16 @@ class EncodeActor:
             self._encode_run(rows, start, middle, vectors, processed, reasons)
             self._encode_run(rows, middle, stop, vectors, processed, reasons)
             return
-        # tokens the encoder processed, spread over the rows of the forward
-        processed[start:stop] = [len(x) for x in ids] if self.packed else max(map(len, ids))
+        processed[start:stop] = _processed(ids, self.packed)
 
     def _forward(self, ids: list[np.ndarray]) -> np.ndarray:
         """One forward: float32 [len(ids), hidden]."""
+        self._simulate_oom(ids)
+        return self._checked(self.embedder.encode_ids(ids, task=self.task, packed=self.packed),
+                             ids)
+
+    def _simulate_oom(self, ids: list[np.ndarray]) -> None:
+        """The fault hook: forwards above ``OOM_ABOVE_TOKENS`` raise as a full GPU would."""
         if self.oom_above_tokens and _cost(ids, self.packed) > self.oom_above_tokens:
             import torch
 
@@ -121,7 +160,8 @@ class EncodeActor:
                 f"simulated: {_cost(ids, self.packed)} tokens > {OOM_ABOVE_TOKENS_ENV}="
                 f"{self.oom_above_tokens}"
             )
-        out = self.embedder.encode_ids(ids, task=self.task, packed=self.packed)
+
+    def _checked(self, out: np.ndarray, ids: list[np.ndarray]) -> np.ndarray:
         if out.shape != (len(ids), self.embedder.hidden_size):
             raise PipelineInvariantError(
                 f"encoder returned {out.shape} for {len(ids)} rows; this is a bug"
@@ -142,6 +182,11 @@ class EncodeActor:
         starts = table.column("_row").take(rejected).to_pylist()
         claimants = [row_key(s, r) for s, r in zip(sources, starts, strict=True)]
         ray.get(self.registry.release.remote(ids, claimants))
+
+
+def _processed(ids: list[np.ndarray], packed: bool) -> list[int] | int:
+    """Tokens the encoder processed, spread over the rows of one forward."""
+    return [len(x) for x in ids] if packed else max(map(len, ids))
 
 
 def _cost(ids: list[np.ndarray], packed: bool) -> int:

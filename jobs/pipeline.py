@@ -45,7 +45,7 @@ def build(
                    "registry": registry, "compare": compare_with},
         # never gather more rows than a window sorts: Ray fuses this with the bucket stage
         batch_size=min(cfg.tokenize_batch_rows, cfg.window_rows), batch_format=ARROW,
-        num_cpus=cpu,
+        num_cpus=cpu, compute=ray.data.TaskPoolStrategy(size=cfg.tokenize_tasks),
     )
     buckets = tokens.map_batches(
         bucket_window,
@@ -57,16 +57,16 @@ def build(
         EncodeActor,
         fn_constructor_kwargs={
             "model": cfg.model, "task": plan.task, "dims": plan.dims,
-            "vector_dtype": cfg.vector_dtype, "packed": cfg.packed,
+            "vector_dtype": cfg.vector_dtype, "packed": cfg.packed, "compile": cfg.compile,
             "use_gpu": cfg.gpus_per_actor > 0, "cpu_threads": int(cfg.cpus_per_actor),
             "storage_options": opts, "registry": registry,
         },
         batch_size=None, batch_format=ARROW,
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        # Ray Data restarts a dead actor and retries its calls (its defaults: max_restarts
+        # and max_task_retries -1); rows are keyed, so a retry never duplicates one
+        compute=ray.data.ActorPoolStrategy(
+            size=cfg.num_actors, max_tasks_in_flight_per_actor=cfg.actor_prefetch),
         num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor,
-        # a dead actor is restarted and its calls retried (rows are keyed, never lost);
-        # these args also keep Ray from fusing the CPU stages into the actors
-        max_restarts=-1, max_task_retries=-1,
     )
     return vectors.map_batches(
         write_block,

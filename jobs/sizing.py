@@ -4,12 +4,17 @@ Reads the first rows of a few input files (never the whole corpus), tokenizes th
 as the job would (task prefix, truncation), and extrapolates: rows, token-length
 percentiles, total tokens, output bytes per vector column, and GPU-hours at a throughput
 (default: the ``pipeline.tokens_per_s`` of the last ``embedjob bench`` on this machine).
+
+It also times the tokenizer on that sample, and from it sizes the CPU stage: the tokenize
+tasks that keep ``num_actors`` encode actors fed at that throughput (``--tokenize-tasks``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +42,9 @@ class SizingReport:
     tokens_per_s: float | None
     tokens_per_s_source: str
     gpu_hours: float | None
+    tokenizer_tokens_per_s: float  # one tokenize task, measured on the sample
+    num_actors: int
+    tokenize_tasks: int | None  # tasks that feed num_actors at tokens_per_s; None: unknown
 
     def lines(self) -> list[str]:
         approx = "" if self.rows_exact else "~"
@@ -53,6 +61,11 @@ class SizingReport:
                        f"{self.gpu_hours:,.2f} GPU-hours")
         else:
             out.append("no throughput known: pass --tokens-per-s or run `embedjob bench`")
+        out.append(f"tokenizer: {self.tokenizer_tokens_per_s:,.0f} tokens/s per task "
+                   f"(measured on the sample)")
+        if self.tokenize_tasks is not None:
+            out.append(f"to feed {self.num_actors} encode actor(s): {self.tokenize_tasks} "
+                       f"tokenize task(s) (--tokenize-tasks {self.tokenize_tasks})")
         return out
 
 
@@ -71,8 +84,10 @@ def size_job(config: EmbedConfig, *, sample_rows: int = 20000,
     spec, task, dims = model_plan(config, options)
     read_spec, _ = read_spec_for(config, fmt, units, options)
     texts, sampled_units = _sample_texts(units[:SAMPLE_FILES], read_spec, sample_rows)
-    lengths = np.array([len(x) for x in spec.tokenizer().tokenize(texts, task).ids]
-                       or [0])
+    tokenizer = spec.tokenizer()
+    started = time.perf_counter()
+    lengths = np.array([len(x) for x in tokenizer.tokenize(texts, task).ids] or [0])
+    tokenizer_speed = float(lengths.sum()) / max(time.perf_counter() - started, 1e-9)
     rows, exact = _estimate_rows(units, sampled_units, len(texts), read_spec, options)
     width = 2 if config.vector_dtype == "float16" else 4
     columns = {"vector": dims[0]} | {f"vector_{d}": d for d in dims[1:]}
@@ -86,7 +101,20 @@ def size_job(config: EmbedConfig, *, sample_rows: int = 20000,
                           for n, d in columns.items()},
         tokens_per_s=speed, tokens_per_s_source=source,
         gpu_hours=total_tokens / speed / 3600 if speed else None,
+        tokenizer_tokens_per_s=tokenizer_speed, num_actors=config.num_actors,
+        tokenize_tasks=tokenize_tasks(config.num_actors, speed, tokenizer_speed),
     )
+
+
+def tokenize_tasks(num_actors: int, encoder_tokens_per_s: float | None,
+                   tokenizer_tokens_per_s: float, headroom: float = 1.5) -> int | None:
+    """Tokenize tasks that keep ``num_actors`` encoders fed, with ``headroom`` for the
+    tokenizer's slower moments (long texts, cold caches); None when the encoder's speed is
+    unknown."""
+    if not encoder_tokens_per_s or tokenizer_tokens_per_s <= 0:
+        return None
+    need = num_actors * encoder_tokens_per_s * headroom / tokenizer_tokens_per_s
+    return max(1, math.ceil(need))
 
 
 def _human(size: float) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.attention import has_fused_varlen, install_varlen
 from model.errors import MergedTaskError, UnsupportedDimError
 from model.generic import load_generic_model, position_offset
 from model.jina import BASE_ADAPTER, load_jina
@@ -63,6 +64,7 @@ def load_embedder(
     dtype: torch.dtype | str | None = None,
     merge_task: str | None = None,
     filesystem: Any = None,
+    compile: bool = False,
 ) -> Embedder:
     """Load a model for inference.
 
@@ -72,6 +74,8 @@ def load_embedder(
         dtype: Compute dtype; None means fp32 on CPU, bf16 on CUDA.
         merge_task: Merge this task's adapter into the weights (faster; only this task).
         filesystem: fsspec filesystem for ``s3://`` (default ``s3fs.S3FileSystem()``).
+        compile: ``torch.compile(dynamic=True)`` the model: one graph for all batch shapes,
+            compiled on the first forward (see ``Embedder``).
 
     Raises:
         ModelSourceError: The source cannot be resolved.
@@ -94,15 +98,27 @@ def load_embedder(
                 torch_device, torch_dtype, merge_task, spec.fingerprint[:16])
     return Embedder(spec, model, device=torch_device, dtype=torch_dtype, merged_task=merge_task,
                     pad_id=int(config.get("pad_token_id") or 0),
-                    position_offset=position_offset(config))
+                    position_offset=position_offset(config), compile=compile)
 
 
 class Embedder:
-    """A loaded model plus the semantics of ``encode``; build it with ``load_embedder``."""
+    """A loaded model plus the semantics of ``encode``; build it with ``load_embedder``.
+
+    jina-v3 models on SDPA switch to ``model.attention.VARLEN_ATTENTION``: padded forwards are
+    still SDPA, packed forwards attend per sequence (``varlen``; False: a block-diagonal mask,
+    as for generic models).
+
+    ``compile``: forwards with one adapter state run the transformers model (under any
+    PeftModel) through ``torch.compile(dynamic=True)``: one graph for all batch shapes, plus
+    one per adapter state (task, no adapter), for batch size 1 and for no padding; packed
+    forwards on CPU break the graph at each attention. Mixed-task rows stay eager: PEFT
+    selects their adapters with forward hooks, which dynamo does not guard on (a compiled
+    graph would silently keep the adapters it was traced with).
+    """
 
     def __init__(self, spec: ModelSpec, model: torch.nn.Module, *, device: torch.device,
                  dtype: torch.dtype, merged_task: str | None, pad_id: int,
-                 position_offset: int) -> None:
+                 position_offset: int, compile: bool = False) -> None:
         self.spec = spec
         self.model = model
         self.device = device
@@ -110,6 +126,8 @@ class Embedder:
         self.merged_task = merged_task
         self.pad_id = pad_id
         self.position_offset = position_offset
+        self.varlen = spec.kind == "jina-v3" and install_varlen(_base_model(model))
+        self._compiled = torch.compile(_base_model(model), dynamic=True) if compile else None
         self._tokenizer: TextTokenizer | None = None
 
     @property
@@ -175,8 +193,8 @@ class Embedder:
             ids: One 1-D int array per text.
             task: One task for all rows (None: no adapter). Exclusive with ``tasks``.
             tasks: One task per row.
-            packed: Concatenate all rows into one sequence with a block-diagonal attention
-                mask instead of right-padding; results equal (fp32, 1e-5).
+            packed: Concatenate all rows into one sequence (one per task) that attends within
+                each row only, instead of right-padding; results equal (fp32, 1e-5).
 
         Returns:
             float32 [n, hidden_size], L2-normalised full-dim vectors in input order.
@@ -185,13 +203,41 @@ class Embedder:
         if not ids:
             return np.zeros((0, self.hidden_size), dtype=np.float32)
         with torch.inference_mode():
-            if packed:
-                pooled = torch.empty(len(ids), self.hidden_size, dtype=torch.float32)
-                for t, rows in _group_rows(row_tasks).items():
-                    pooled[rows] = self._pool_packed([ids[i] for i in rows], t).cpu()
-            else:
-                pooled = self._pool_padded(ids, row_tasks).cpu()
-            return F.normalize(pooled, p=2, dim=-1).numpy()
+            if not packed:
+                with self._adapters(row_tasks) as extra:
+                    return self._pool_padded(ids, extra).cpu().numpy()
+            pooled = torch.empty(len(ids), self.hidden_size, dtype=torch.float32)
+            for t, rows in _group_rows(row_tasks).items():
+                with self._adapters([t]):
+                    pooled[rows] = self._pool_packed([ids[i] for i in rows]).cpu()
+            return pooled.numpy()
+
+    def encode_batches(self, batches: Sequence[Sequence[np.ndarray]], *, task: str | None = None,
+                       packed: bool = False) -> list[np.ndarray]:
+        """Embed several batches of token ids, one forward each, waiting for the device once.
+
+        Equals ``[encode_ids(b, task=task, packed=packed) for b in batches]``. On CUDA each
+        batch's inputs go from pinned host memory with ``non_blocking=True`` and its vectors
+        stay on the device until the end, so the host prepares batch i+1 while the GPU runs
+        batch i.
+
+        Args:
+            batches: Each a list of 1-D int token-id arrays (prefix and special tokens included).
+            task: One task for every row (None: no adapter).
+            packed: Packed instead of padded forwards (see ``encode_ids``).
+
+        Returns:
+            One float32 [n_i, hidden_size] L2-normalised array per batch.
+
+        Raises:
+            torch.OutOfMemoryError: A forward did not fit; nothing is returned.
+        """
+        for ids in batches:
+            self._row_tasks(ids, task, None)
+        with torch.inference_mode():
+            pooled = self._pool_batches(batches, task, packed)  # [sum n_i, H] on the device
+            host = pooled.cpu()  # the one wait for the device
+        return [x.numpy() for x in torch.split(host, [len(ids) for ids in batches])]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                 tasks: Sequence[str | None], **model_kwargs: Any) -> Any:
@@ -207,6 +253,16 @@ class Embedder:
             return self.model(input_ids=input_ids.to(self.device),
                               attention_mask=attention_mask.to(self.device),
                               **extra, **model_kwargs)
+
+    def _pool_batches(self, batches: Sequence[Sequence[np.ndarray]], task: str | None,
+                      packed: bool) -> torch.Tensor:
+        """Normalised fp32 [sum n_i, H] on the device, batches in order; nothing waits for it."""
+        pooled = [torch.zeros(0, self.hidden_size, device=self.device)]
+        with self._adapters([task]):
+            for ids in batches:
+                if ids:
+                    pooled.append(self._pool_packed(ids) if packed else self._pool_padded(ids, {}))
+        return torch.cat(pooled)
 
     def _row_tasks(self, ids: Sequence[np.ndarray], task: str | None,
                    tasks: Sequence[str | None] | None) -> list[str | None]:
@@ -243,34 +299,77 @@ class Embedder:
             self.model.set_adapter(TASK_ADAPTERS[row_tasks[0]])
             yield {}
 
-    def _pool_padded(self, ids: Sequence[np.ndarray], row_tasks: list[str | None]) -> torch.Tensor:
-        """Right-padded forward; returns fp32 [n, H]."""
-        lengths = torch.tensor([len(x) for x in ids])
-        input_ids = torch.full((len(ids), int(lengths.max())), self.pad_id, dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, : len(x)] = torch.from_numpy(np.asarray(x, dtype=np.int64))
-        mask = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]  # [n, L]
-        hidden = self.forward(input_ids, mask.long(), tasks=row_tasks).last_hidden_state
-        return pool(hidden, mask.to(self.device), self.spec.pooling)
+    def _to_device(self, host: np.ndarray) -> torch.Tensor:
+        """One host -> device copy; on CUDA from pinned memory, queued behind the running
+        forward (the caching host allocator keeps the pinned block until the copy is done)."""
+        tensor = torch.from_numpy(host)
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def _pool_packed(self, ids: Sequence[np.ndarray], task: str | None) -> torch.Tensor:
-        """All rows as one sequence: restarting positions, block-diagonal mask; fp32 [n, H]."""
-        lengths = torch.tensor([len(x) for x in ids])
-        input_ids = torch.from_numpy(np.concatenate(ids).astype(np.int64))[None]  # [1, T]
-        segment = torch.repeat_interleave(torch.arange(len(ids)), lengths)  # [T]
-        starts = torch.cumsum(lengths, 0) - lengths  # [n]
-        positions = torch.arange(input_ids.shape[1]) - starts[segment] + self.position_offset
-        # [1, 1, T, T] bool, True = may attend. attention_mask=None with restarting
-        # position_ids would let sequences attend to each other.
-        mask = (segment[:, None] == segment[None, :])[None, None]
-        out = self.forward(input_ids, mask, tasks=[task],
-                           position_ids=positions[None].to(self.device))
+    def _pool_padded(self, ids: Sequence[np.ndarray], extra: dict[str, Any]) -> torch.Tensor:
+        """Right-padded forward in the current adapter state; normalised fp32 [n, H], on the
+        device. ``extra``: model kwargs from ``_adapters``."""
+        lengths = np.array([len(x) for x in ids])
+        longest = int(lengths.max())
+        host = np.full((2, len(ids), longest), self.pad_id, dtype=np.int64)  # ids, mask
+        for i, x in enumerate(ids):
+            host[0, i, : len(x)] = x
+        host[1] = np.arange(longest)[None, :] < lengths[:, None]
+        input_ids, mask = self._to_device(host)  # [n, L] each
+        # No padding: no mask, so SDPA may use its flash kernel (transformers would otherwise
+        # read mask.all() on the device to find that out).
+        out = self._call_model(extra, input_ids=input_ids,
+                               attention_mask=None if lengths.min() == longest else mask)
+        return F.normalize(pool(out.last_hidden_state, mask, self.spec.pooling), p=2, dim=-1)
+
+    def _pool_packed(self, ids: Sequence[np.ndarray]) -> torch.Tensor:
+        """All rows as one sequence with restarting positions, attending within each row only,
+        in the current adapter state; normalised fp32 [n, H], on the device."""
+        lengths = np.array([len(x) for x in ids])
+        cu_seq_lens = np.concatenate([[0], np.cumsum(lengths)])  # [n + 1]
+        total = int(cu_seq_lens[-1])
+        segment = np.repeat(np.arange(len(ids)), lengths)  # [T], row of each token
+        positions = np.arange(total) - cu_seq_lens[segment] + self.position_offset
+        # one copy: [T ids | T positions | T segment | n + 1 offsets]
+        host = np.concatenate([*ids, positions, segment, cu_seq_lens]).astype(np.int64)
+        flat = self._to_device(host)
+        input_ids, position_ids, segment_d = flat[:3 * total].view(3, 1, total)  # [1, T] each
+        offsets = flat[3 * total:]  # [n + 1]
+        if self.varlen:
+            out = self._call_model({}, input_ids=input_ids, attention_mask=None,
+                                   position_ids=position_ids,
+                                   **self._varlen_kwargs(cu_seq_lens, offsets))
+        else:
+            # [1, 1, T, T] bool, True = may attend: full T^2 work. attention_mask=None with
+            # restarting position_ids alone would let rows attend to each other.
+            mask = (segment_d[0, :, None] == segment_d[0, None, :])[None, None]
+            out = self._call_model({}, input_ids=input_ids, attention_mask=mask,
+                                   position_ids=position_ids)
         hidden = out.last_hidden_state[0].float()  # [T, H]
         if self.spec.pooling == "cls":
-            return hidden[starts.to(self.device)]
-        sums = torch.zeros(len(ids), hidden.shape[1], device=hidden.device)
-        sums.index_add_(0, segment.to(hidden.device), hidden)  # [n, H]
-        return sums / lengths.to(hidden.device, torch.float32)[:, None]
+            pooled = hidden[offsets[:-1]]
+        else:
+            sums = torch.zeros(len(ids), hidden.shape[1], device=hidden.device)
+            sums.index_add_(0, segment_d[0], hidden)  # [n, H]
+            pooled = sums / offsets.diff().float()[:, None]
+        return F.normalize(pooled, p=2, dim=-1)
+
+    def _call_model(self, extra: dict[str, Any], **inputs: Any) -> Any:
+        """The model in the current adapter state; compiled unless ``extra`` (from
+        ``_adapters``) selects adapters per row, see the class docstring."""
+        if self._compiled is None or extra:
+            return self.model(**inputs, **extra)
+        return self._compiled(**inputs)
+
+    def _varlen_kwargs(self, cu_seq_lens: np.ndarray, offsets: torch.Tensor) -> dict[str, Any]:
+        """Model kwargs of a varlen forward. The fused kernels want int32 offsets on the device
+        (``offsets``, already there); per-sequence SDPA reads them on the host (no sync)."""
+        on_device = has_fused_varlen(self.device, self.dtype)
+        cu = offsets.int() if on_device else torch.from_numpy(cu_seq_lens.astype(np.int32))
+        longest = int(np.diff(cu_seq_lens).max())
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                "max_length_q": longest, "max_length_k": longest}
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -280,6 +379,11 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     m = mask.to(torch.float32)[..., None]  # [B, L, 1]
     summed = (hidden.float() * m).sum(dim=1)  # [B, H]
     return summed / m.sum(dim=1).clamp(min=1e-9)
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PeftModel (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _group_rows(row_tasks: list[str | None]) -> dict[str | None, list[int]]:

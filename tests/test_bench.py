@@ -37,6 +37,8 @@ def test_bench_prints_one_json_line_with_consistent_runs(ray_session, tmp_path, 
     assert runs[1]["padding_efficiency"] < runs[0]["padding_efficiency"]
     assert record["speedup"] > 0 and record["pipeline_efficiency"] > 0
     assert record["device"].startswith("cpu")
+    # the tokenizer was timed on the corpus: far faster than a CPU encoder needs
+    assert runs[2]["tokenizer_tokens_per_s"] > runs[2]["tokens_per_s"]
 
 
 @pytest.mark.unit

@@ -127,19 +127,21 @@ def test_s3_corpus_to_s3_lance_exactly_once_and_equal_to_encode_alone(
 
 
 @pytest.mark.parametrize(
-    ("max_tokens", "window", "actors", "packed"),
-    [(64, 1, 1, False), (5000, 8, 2, False), (700, 30, 1, True)],
+    ("max_tokens", "window", "actors", "packed", "prefetch", "tokenize_tasks"),
+    [(64, 1, 1, False, 2, None), (5000, 8, 2, False, 1, 1), (700, 30, 1, True, 3, 2)],
     ids=["tiny-budget-window-of-one", "big-window-two-actors", "packed"],
 )
 def test_vectors_do_not_depend_on_batching(
-    ray_session, golden_dir, embedder, tmp_path, max_tokens, window, actors, packed
+    ray_session, golden_dir, embedder, tmp_path, max_tokens, window, actors, packed, prefetch,
+    tokenize_tasks,
 ):
     rows = real_rows(30, offset=200)
     pq.write_table(to_table(rows), tmp_path / "in.parquet")
     config = EmbedConfig(
         input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out.lance"),
         model=str(golden_dir), max_tokens_per_batch=max_tokens, window_rows=window,
-        num_actors=actors, packed=packed,
+        num_actors=actors, packed=packed, actor_prefetch=prefetch,
+        tokenize_tasks=tokenize_tasks,
     )
     summary = run(config)
     table = lance.dataset(config.output).to_table()
@@ -218,3 +220,23 @@ def test_lance_input_fragments_are_read_units(ray_session, golden_dir, embedder,
     got = vectors_by_id(table)
     expected = _reference(embedder, rows)
     assert max(np.abs(got[i] - expected[i]).max() for i in expected) < 1e-5
+
+
+def test_stage_sizes_reach_ray_data(ray_session, golden_dir, tmp_path):
+    """--actor-prefetch and --tokenize-tasks become the stages' compute strategies."""
+    from jobs import pipeline
+    from jobs.preflight import plan_run
+
+    pq.write_table(to_table(real_rows(3)), tmp_path / "in.parquet")
+    config = EmbedConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "o.lance"),
+                         model=str(golden_dir), num_actors=2, actor_prefetch=3,
+                         tokenize_tasks=5)
+    dataset = pipeline.build(plan_run(config), registry=None, tracker=None)
+    computes, op = {}, dataset._logical_plan.dag
+    while op.input_dependencies:
+        computes[op.name] = op.compute
+        op = op.input_dependencies[0]
+    encode = computes["MapBatches(EncodeActor)"]
+    assert (encode.min_size, encode.max_size, encode.max_tasks_in_flight_per_actor) == (2, 2, 3)
+    assert computes["MapBatches(tokenize_batch)"].size == 5
+    assert computes["MapBatches(read_units)"].size is None

@@ -29,3 +29,15 @@ def test_plan_reports_rows_tokens_bytes_and_gpu_hours(golden_dir, tmp_path):
     assert report.bytes_per_column == {"vector (float16)": 759 * 64 * 2,
                                        "vector_16 (float16)": 759 * 16 * 2}
     assert report.gpu_hours == pytest.approx(report.estimated_tokens / 1000 / 3600)
+    # the tokenizer was timed on the sample; 1 actor at 1000 tokens/s needs one task
+    assert report.tokenizer_tokens_per_s > 1000
+    assert report.tokenize_tasks == 1
+
+
+def test_tokenize_tasks_feed_the_actors_with_headroom():
+    from jobs.sizing import tokenize_tasks
+
+    # 8 GPUs at 750k tokens/s, a tokenizer task at 400k tokens/s: 8 * 750 * 1.5 / 400 = 22.5
+    assert tokenize_tasks(8, 750_000, 400_000) == 23
+    assert tokenize_tasks(1, 3_000, 400_000) == 1
+    assert tokenize_tasks(2, None, 400_000) is None
