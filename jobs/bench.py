@@ -91,6 +91,7 @@ RUNS: tuple[str, ...] = ("pipeline", "naive", "model_only")
 # so 100 rows (one long row) keep the default run to a few minutes. CUDA: enough rows
 # that the full model's forwards outlast the job's fixed costs.
 DEFAULT_ROWS: dict[str, int] = {"cpu": 100, "cuda": 20000}
+SCALING_BLOCKS = 8  # blocks the scaling runs cut the corpus into (windows of rows / 8)
 DRIVER_RSS_ROWS = 1000  # at least this many rows at 1x when the driver's memory is compared
 FLOPS_FORMULA = "2 * params_nonembedding + 4 * layers * seq * hidden per token"
 
@@ -708,12 +709,16 @@ def _timed(name: str, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str
 
 
 def _scaling(cfg: BenchConfig, workdir: Path, peak: float | None) -> dict[str, Any]:
-    """Pipeline with 2 encode actors (same corpus), and driver RSS at 1x vs 10x rows."""
+    """The pipeline with 1 and with 2 encode actors on the same corpus, in windows of
+    rows / ``SCALING_BLOCKS`` so that both actors get blocks; the driver's RSS at 1x vs 10x
+    rows."""
     corpus = Corpus(path=str(workdir / "corpus"), rows=cfg.corpus_rows, long_rows=0,
                     target_tokens=0)
     model = str(model_dir(cfg.shape_name, seed=cfg.seed))
-    two = run_pipeline(replace(cfg, num_actors=2), corpus, model,
-                       str(workdir / "pipeline2.lance"), peak)
+    window = max(1, -(-cfg.corpus_rows // SCALING_BLOCKS))
+    actors = {f"{'one' if n == 1 else 'two'}_actor{'s' if n > 1 else ''}": run_pipeline(
+        replace(cfg, num_actors=n, window_rows=window), corpus, model,
+        str(workdir / f"pipeline-{n}.lance"), peak) for n in (1, 2)}
     # driver memory: the tiny model, no long tail (the question is the driver, not the encoder)
     tiny = replace(cfg, config="tiny", long_fraction=0.0, num_actors=1)
     tiny_model = str(model_dir("tiny", seed=cfg.seed))
@@ -726,7 +731,7 @@ def _scaling(cfg: BenchConfig, workdir: Path, peak: float | None) -> dict[str, A
                          str(workdir / f"driver-{factor}x.lance"), None)
         driver[f"{factor}x"] = {"rows": rows, "tokens": r["tokens"], "wall_s": r["wall_s"],
                                 "driver_peak_rss_bytes": r["driver_peak_rss_bytes"]}
-    return {"two_actors": two, "driver_rss": driver}
+    return {**actors, "window_rows": window, "driver_rss": driver}
 
 
 def _device(cfg: BenchConfig) -> tuple[str, float | None]:
