@@ -87,7 +87,7 @@ CONFIGS: dict[str, Shape] = {
 PEAK_BF16_TFLOPS: dict[str, float] = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
 RUNS: tuple[str, ...] = ("pipeline", "naive", "model_only")
 # Default corpus rows. CPU: the naive recipe pads 31 rows to each long row; one such
-# 32 x ~8000-token forward of the 6 x 384 shape takes ~5 min and ~14 GB on the 2-core VM,
+# 32 x ~8000-token forward of the 6 x 384 shape takes ~4 min and ~6 GB on the 2-core VM,
 # so 100 rows (one long row) keep the default run to a few minutes. CUDA: enough rows
 # that the full model's forwards outlast the job's fixed costs.
 DEFAULT_ROWS: dict[str, int] = {"cpu": 100, "cuda": 20000}
@@ -716,9 +716,12 @@ def _scaling(cfg: BenchConfig, workdir: Path, peak: float | None) -> dict[str, A
                     target_tokens=0)
     model = str(model_dir(cfg.shape_name, seed=cfg.seed))
     window = max(1, -(-cfg.corpus_rows // SCALING_BLOCKS))
-    actors = {f"{'one' if n == 1 else 'two'}_actor{'s' if n > 1 else ''}": run_pipeline(
-        replace(cfg, num_actors=n, window_rows=window), corpus, model,
-        str(workdir / f"pipeline-{n}.lance"), peak) for n in (1, 2)}
+
+    def with_actors(n: int) -> dict[str, Any]:
+        return run_pipeline(replace(cfg, num_actors=n, window_rows=window), corpus, model,
+                            str(workdir / f"pipeline-{n}.lance"), peak)
+
+    actors = {"one_actor": with_actors(1), "two_actors": with_actors(2)}
     # driver memory: the tiny model, no long tail (the question is the driver, not the encoder)
     tiny = replace(cfg, config="tiny", long_fraction=0.0, num_actors=1)
     tiny_model = str(model_dir("tiny", seed=cfg.seed))
