@@ -32,6 +32,7 @@ def test_plan_reports_rows_tokens_bytes_and_gpu_hours(golden_dir, tmp_path):
     # the tokenizer was timed on the sample; 1 actor at 1000 tokens/s needs one task
     assert report.tokenizer_tokens_per_s > 1000
     assert report.tokenize_tasks == 1
+    assert "to feed 1 encode actor(s): 1 tokenize task(s) (--tokenize-tasks 1)" in report.lines()
 
 
 def test_tokenize_tasks_feed_the_actors_with_headroom():
