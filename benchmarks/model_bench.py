@@ -3,7 +3,7 @@
 Feeds real token lengths (the XLM-R tokenizer on real text), or a synthetic length mix
 (``--synthetic``), through ``Embedder.encode_batches`` in length-sorted token-budget batches:
 padded, packed (varlen attention) or packed through the old block-diagonal mask
-(``--block-mask``), eager or ``--compile``. The model is ``jobs.bench.model_dir(config)``
+(``--block-mask``), eager or ``--compile``. The model is ``embedjob.bench.model_dir(config)``
 (random weights, original layout, cached) loaded by ``load_embedder`` with ``--task`` merged.
 Two passes over all batches: the first includes compilation and warm-up, the second is the
 timed one. Prints tokens/s, padding efficiency and, on CUDA, MFU. Not a test; numbers depend
@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jobs.bench import (  # noqa: E402
+from embedjob.bench import (  # noqa: E402
     CONFIGS,
     FLOPS_FORMULA,
     forward_flops,
@@ -43,11 +43,11 @@ from jobs.bench import (  # noqa: E402
     peak_tflops,
     tokenizer_dir,
 )
-from model.embedder import Embedder, load_embedder  # noqa: E402
+from embedjob.model.embedder import Embedder, load_embedder  # noqa: E402
 
 logger = logging.getLogger("model_bench")
 
-CORPORA = (Path("/work/shared/corpora/brown/brown.parquet"), REPO / "jobs" / "data" /
+CORPORA = (Path("/work/shared/corpora/brown/brown.parquet"), REPO / "embedjob" / "data" /
            "udhr_sample.parquet")
 
 
@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help="XLM-R tokenizer dir (default: jobs/data/xlm-roberta, decompressed)")
+                   help="XLM-R tokenizer dir (default: embedjob/data/xlm-roberta, decompressed)")
     p.add_argument("--corpus", type=Path, default=None, help="parquet with a text column")
     p.add_argument("--text-column", default="text")
     p.add_argument("--join", type=int, default=4, help="consecutive rows joined per text")

@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from jobs.bench import make_corpus, model_dir
-from jobs.config import EmbedConfig
-from jobs.refresh import ExistingRows, ensure_id_index, refresh
-from jobs.run import run
+from embedjob.bench import make_corpus, model_dir
+from embedjob.config import EmbedConfig
+from embedjob.driver.run import run
+from embedjob.ops.refresh import ExistingRows, ensure_id_index, refresh
 
 
 def change_one_percent(corpus: Path, seed: int) -> int:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "jobs" / "data" / "udhr_sample.parquet"
+SAMPLE = REPO / "embedjob" / "data" / "udhr_sample.parquet"
 
 
 def real_rows(n: int, offset: int = 0) -> list[dict]:

@@ -1,0 +1,114 @@
+"""One writer per output: a lease file with an expiry, beside the output.
+
+``<output>.lease.json`` names the run that holds the output and until when. A live run
+renews it from a background thread every third of its time-to-live, so only a crashed run's
+lease goes stale, and then only for ``lease_ttl_s``. A second run on the same output is
+refused while the lease is live, with a message saying who holds it and until when.
+
+Object stores have no portable compare-and-swap, so acquisition is write-then-read-back:
+two runs that start within the same instant can both write, but only the last writer reads
+its own lease back; the other is refused. Lance's own commit protocol stays the last line
+of defence: commits conflicting with other writers are detected and retried by Lance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import pyarrow.fs as pafs
+
+from embedjob import storage
+from embedjob.errors import StorageError, retry_transient
+
+logger = logging.getLogger(__name__)
+READ_BACK_DELAY_S = 0.5  # long enough for a racing writer's PUT to land before we read
+
+
+class OutputLockedError(StorageError):
+    """Another live run holds the output's lease."""
+
+
+def lease_uri(output: str) -> str:
+    base = output.rstrip("/")
+    return (base[: -len(".lance")] if base.endswith(".lance") else base) + ".lease.json"
+
+
+@dataclass
+class Lease:
+    """A held lease; use as a context manager around the run."""
+
+    output: str
+    ttl_s: float
+    storage_options: Mapping[str, str]
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> Lease:
+        held = retry_transient(self._read, what=f"reading the lease of {self.output}")
+        if held and held["owner"] != self.owner and held["expires_at"] > time.time():
+            raise OutputLockedError(_held_message(self.output, held))
+        retry_transient(self._write, what=f"writing the lease of {self.output}")
+        time.sleep(READ_BACK_DELAY_S)
+        held = retry_transient(self._read, what=f"reading the lease of {self.output}")
+        if not held or held["owner"] != self.owner:
+            raise OutputLockedError(_held_message(self.output, held or {}))
+        threading.Thread(target=self._renew, daemon=True, name="lease-renewal").start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        retry_transient(self._release, what=f"releasing the lease of {self.output}")
+
+    def _release(self) -> None:
+        held = self._read()
+        if held and held["owner"] == self.owner:
+            self._fs().delete_file(self._path())
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self._write()
+            except OSError as exc:  # the next renewal may succeed; the lease lasts ttl_s
+                logger.warning("could not renew the lease on %s: %s", self.output, exc)
+
+    def _write(self) -> None:
+        if not storage.is_s3(self.output):
+            self._fs().create_dir(os.path.dirname(self._path()), recursive=True)
+        record = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                  "expires_at": time.time() + self.ttl_s}
+        with self._fs().open_output_stream(self._path()) as out:
+            out.write(json.dumps(record).encode())
+
+    def _read(self) -> dict | None:
+        try:
+            with self._fs().open_input_stream(self._path()) as handle:
+                return json.loads(handle.read())
+        except FileNotFoundError:
+            return None
+        except ValueError as exc:  # a torn or foreign file: not ours to interpret
+            raise StorageError(f"cannot parse the lease of {self.output!r}: {exc}") from exc
+        except OSError:
+            if self._fs().get_file_info(self._path()).type == pafs.FileType.NotFound:
+                return None
+            raise
+
+    def _fs(self) -> pafs.FileSystem:
+        return storage.pyarrow_filesystem(self.output, self.storage_options)
+
+    def _path(self) -> str:
+        return storage.strip_scheme(lease_uri(self.output))
+
+
+def _held_message(output: str, held: Mapping) -> str:
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(held.get("expires_at", 0)))
+    return (f"output {output!r} is being written by another run (owner {held.get('owner')}, "
+            f"host {held.get('host')}, pid {held.get('pid')}); its lease is renewed while it "
+            f"lives and expires at {until} if it crashed: rerun after that to resume")

@@ -1,0 +1,236 @@
+"""Everything checked before any model loads, and the run plan it produces.
+
+A bad configuration fails here with a message naming the value and what is allowed:
+unknown task, dim the model does not offer, input missing or empty, unreachable endpoint,
+missing columns, output that exists in create mode.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from embedjob import storage
+from embedjob.config import EmbedConfig
+from embedjob.driver.progress import ProgressRecord, read_record, run_key
+from embedjob.errors import ConfigError, InputError, OutputExistsError
+from embedjob.model import ModelSpec, load_spec
+from embedjob.stages import read
+from embedjob.stages.write import REJECTED_SCHEMA, main_schema
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_PROBE_UNITS = 8  # empty leading files are skipped when deciding column types
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunPlan:
+    """A validated config plus everything derived from storage and the model's spec."""
+
+    config: EmbedConfig
+    storage_options: dict[str, str] = field(repr=False)
+    units: list[str]  # still to embed (all of them, unless resuming)
+    fingerprints: dict[str, str]  # every input unit -> size:mtime
+    run_key: str
+    resumed: ProgressRecord | None  # the interrupted attempt this run continues
+    spec: ModelSpec
+    task: str | None
+    dims: tuple[int, ...]  # every stored dim, the full one first
+    hidden_size: int
+    read_spec: read.ReadSpec
+    schema: pa.Schema
+    rejected_schema: pa.Schema
+    recreate_output: bool
+    replace_schema: bool  # recreating over an existing table with other columns
+    recreate_rejected: bool
+
+
+def plan_run(config: EmbedConfig) -> RunPlan:
+    """Validate against storage and the model's config; never loads weights."""
+    options = storage.resolve_storage_options(config.storage_options)
+    fmt = config.input_format
+    storage.validate_output_uri(config.output, input_uri=config.input)
+    storage.validate_output_uri(config.rejected_uri, input_uri=config.input,
+                                label="rejected_output")
+    storage.check_reachable(config.input, options)
+    for uri in (config.output, config.rejected_uri):
+        storage.check_writable(uri, options)
+    units = read.list_units(config.input, fmt, options)
+    if not units:
+        raise InputError(
+            f"input {config.input!r} matched no {fmt} files "
+            f"(looked for names ending in {list(read.SUFFIXES[fmt])})"
+        )
+    spec, task, dims = model_plan(config, options)
+    read_spec, keep_fields = read_spec_for(config, fmt, units, options)
+    key = run_key({"input": config.input, "format": fmt, "weights": spec.fingerprint,
+                   "task": task, "dims": dims, "id": config.id_column,
+                   "text": config.text_column, "keep": config.keep_columns,
+                   "dtype": config.vector_dtype})
+    fingerprints = storage.file_fingerprints(units, options)
+    resumed = _resumable(config, options, key, fingerprints)
+    recreate_output = resumed is None and _check_output(config, options)
+    appending = config.mode == "append" or resumed is not None
+    recreate_rejected = not appending or not storage.lance_exists(config.rejected_uri, options)
+    stamp = _stamp(config, spec, task, dims)
+    schema = main_schema(read_spec.id_type, spec.hidden_size, dims, config.vector_dtype,
+                         keep_fields, stamp)
+    held, ours = _existing_columns(config, options), _columns(schema)
+    if not recreate_output and held != ours:
+        raise ConfigError(
+            f"appending to output {config.output!r}, which has columns {held}; "
+            f"this run would write {ours}"
+        )
+    todo = [u for u in units if resumed is None or u not in resumed.done]
+    return RunPlan(
+        config=config, storage_options=options, units=todo, fingerprints=fingerprints,
+        run_key=key, resumed=resumed, spec=spec, task=task, dims=dims,
+        hidden_size=spec.hidden_size, read_spec=read_spec, schema=schema,
+        rejected_schema=REJECTED_SCHEMA, recreate_output=recreate_output,
+        replace_schema=recreate_output and held is not None and held != ours,
+        recreate_rejected=recreate_rejected,
+    )
+
+
+def _resumable(
+    config: EmbedConfig, options: dict[str, str], key: str, fingerprints: dict[str, str]
+) -> ProgressRecord | None:
+    """The progress of an interrupted attempt at this same run, if the output holds one."""
+    if config.mode == "overwrite":
+        return None
+    record = read_record(config.output, options)
+    if record is None or record.complete:
+        return None
+    if record.run_key != key:
+        raise OutputExistsError(
+            f"output {config.output!r} holds an interrupted run with other settings "
+            "(input, model weights, task, dims, columns or vector dtype differ); rerun it "
+            "with the same settings to resume, or pass --mode overwrite to start over"
+        )
+    changed = [u for u, fp in record.done.items() if fingerprints.get(u) != fp]
+    if changed:
+        raise InputError(
+            f"input changed since the interrupted run of {config.output!r}: {changed[:5]} "
+            "(finished files changed or disappeared); pass --mode overwrite to start over"
+        )
+    logger.info("resuming %s: %d of %d input units already done", config.output,
+                len(record.done), len(fingerprints))
+    return record
+
+
+def _check_output(config: EmbedConfig, options: dict[str, str]) -> bool:
+    """True when this run creates (or replaces) the output table."""
+    exists = storage.lance_exists(config.output, options)
+    if exists and config.mode == "create":
+        raise OutputExistsError(
+            f"output {config.output!r} already exists and mode is 'create'; "
+            "pass --mode overwrite to replace it or --mode append to add to it"
+        )
+    return config.mode == "overwrite" or not exists
+
+
+def read_spec_for(
+    config: EmbedConfig, fmt: str, units: list[str], options: dict[str, str]
+) -> tuple[read.ReadSpec, list[pa.Field]]:
+    probe = read.ReadSpec(
+        format=fmt, id_column=config.id_column, text_column=config.text_column,
+        keep_columns=config.keep_columns, id_type=pa.null(), keep_types=(),
+        storage_options=options,
+    )
+    schema = pa.schema([])
+    for unit in units[:SCHEMA_PROBE_UNITS]:
+        schema = read.probe_schema(unit, probe)
+        if len(schema):
+            break
+    names = schema.names
+    if names:
+        for label, column in (("id_column", config.id_column), ("text_column", config.text_column)):
+            if column not in names:
+                raise ConfigError(f"{label} {column!r} not in the input's columns {names}")
+    missing = [c for c in config.keep_columns if c not in names]
+    if missing:
+        raise ConfigError(f"keep_columns {missing} not in the input's columns {names}")
+    id_type = _id_type(schema.field(config.id_column).type if names else pa.string())
+    keep_fields = [pa.field(c, _plain(schema.field(c).type)) for c in config.keep_columns]
+    spec = read.ReadSpec(
+        format=fmt, id_column=config.id_column, text_column=config.text_column,
+        keep_columns=config.keep_columns, id_type=id_type,
+        keep_types=tuple(f.type for f in keep_fields), storage_options=options,
+        fail_fast=config.fail_fast,
+    )
+    return spec, keep_fields
+
+
+def _id_type(found: pa.DataType) -> pa.DataType:
+    """The output id type: the input's, with string flavours and nulls made plain string."""
+    if pa.types.is_null(found) or pa.types.is_large_string(found) or pa.types.is_string_view(found):
+        return pa.string()
+    if pa.types.is_dictionary(found):
+        return _id_type(found.value_type)
+    return found
+
+
+def _plain(found: pa.DataType) -> pa.DataType:
+    if pa.types.is_dictionary(found):
+        return found.value_type
+    return pa.string() if pa.types.is_null(found) else found
+
+
+def model_plan(
+    config: EmbedConfig, options: dict[str, str]
+) -> tuple[ModelSpec, str | None, tuple[int, ...]]:
+    """The model's spec, the task (default filled in) and every stored dim, full one first."""
+    filesystem = storage.s3fs_filesystem(options) if storage.is_s3(config.model) else None
+    spec = load_spec(config.model, filesystem=filesystem)
+    task = config.task if config.task is not None else spec.default_task
+    spec.check_task(task)
+    for dim in config.dims:
+        spec.check_dim(dim)
+    return spec, task, (spec.hidden_size, *(d for d in config.dims if d != spec.hidden_size))
+
+
+def plan_stamp(config: EmbedConfig) -> dict[str, str]:
+    """The stamp a run of ``config`` would write (reads the model's config, no weights)."""
+    options = storage.resolve_storage_options(config.storage_options)
+    return _stamp(config, *model_plan(config, options))
+
+
+def _stamp(
+    config: EmbedConfig, spec: ModelSpec, task: str | None, dims: tuple[int, ...]
+) -> dict[str, str]:
+    """Schema metadata: what produced these vectors (read back by refresh and search)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package_version = version("embedjob")
+    except PackageNotFoundError:
+        package_version = "unknown"
+    return {
+        "embedjob.model_source": config.model,
+        "embedjob.model_revision": spec.revision or "",
+        "embedjob.weights_hash": spec.fingerprint,
+        "embedjob.task": task or "",
+        "embedjob.instruction": spec.instructions.get(task or "", ""),
+        "embedjob.dims": json.dumps(list(dims)),
+        "embedjob.normalization": "l2; vector_<d> = l2(truncate(vector, d))",
+        "embedjob.vector_dtype": config.vector_dtype,
+        "embedjob.version": package_version,
+        "embedjob.created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _existing_columns(
+    config: EmbedConfig, options: dict
+) -> list[tuple[str, pa.DataType]] | None:
+    """The output's columns, or None when there is no output yet."""
+    if not storage.lance_exists(config.output, options):
+        return None
+    return _columns(storage.open_lance(config.output, options).schema)
+
+
+def _columns(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:
+    return [(f.name, f.type) for f in schema]

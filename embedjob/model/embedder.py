@@ -1,0 +1,399 @@
+"""Embedder: token ids -> pooled, L2-normalised vectors, padded or packed, per-row tasks.
+
+Semantics equal the original jina-embeddings-v3 ``encode()``: instruction prefix for retrieval
+tasks, fp32 mean pooling over every non-padding token (special and prefix tokens included),
+Matryoshka = truncate the pooled vector, then normalise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from embedjob.errors import MergedTaskError, UnsupportedDimError
+from embedjob.model.attention import has_fused_varlen, install_varlen
+from embedjob.model.generic import load_generic_model, position_offset
+from embedjob.model.jina import BASE_ADAPTER, load_jina
+from embedjob.model.source import resolve
+from embedjob.model.spec import (
+    TASK_ADAPTERS,
+    ModelSpec,
+    TextTokenizer,
+    read_config,
+    spec_from_resolved,
+)
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def matryoshka(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """Truncate ``vectors`` [..., D] to their first ``dim`` columns, then L2-normalise (float32).
+
+    Raises:
+        UnsupportedDimError: ``dim`` is not in 1..D.
+    """
+    v = np.asarray(vectors, dtype=np.float32)
+    if not 1 <= dim <= v.shape[-1]:
+        raise UnsupportedDimError(f"dim {dim} not in 1..{v.shape[-1]}")
+    v = v[..., :dim]
+    norm = np.linalg.norm(v, axis=-1, keepdims=True)
+    return (v / np.maximum(norm, 1e-12)).astype(np.float32)  # F.normalize's eps
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """None -> fp32 on CPU, bf16 on CUDA; strings from ``DTYPES``."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype {dtype!r} not in {list(DTYPES)}")
+
+
+def load_embedder(
+    source: str,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    merge_task: str | None = None,
+    filesystem: Any = None,
+    compile: bool = False,
+) -> Embedder:
+    """Load a model for inference.
+
+    Args:
+        source: Local directory, ``s3://`` prefix or hub id (``jinaai/jina-embeddings-v3``).
+        device: Torch device, e.g. ``cpu`` or ``cuda:0``.
+        dtype: Compute dtype; None means fp32 on CPU, bf16 on CUDA.
+        merge_task: Merge this task's adapter into the weights (faster; only this task).
+        filesystem: fsspec filesystem for ``s3://`` (default ``s3fs.S3FileSystem()``).
+        compile: ``torch.compile(dynamic=True)`` the model: one graph for all batch shapes,
+            compiled on the first forward (see ``Embedder``).
+
+    Raises:
+        ModelSourceError: The source cannot be resolved.
+        CheckpointError: The checkpoint is not safetensors or its tensors do not match.
+        UnknownTaskError: ``merge_task`` is not one of the model's adapter tasks.
+    """
+    spec = spec_from_resolved(resolve(source, filesystem=filesystem, weights=True))
+    torch_device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    config = read_config(spec.local_dir)
+    if spec.kind == "jina-v3":
+        spec.check_task(merge_task)
+        model = load_jina(spec, dtype=torch_dtype, merge_task=merge_task)
+    else:
+        if merge_task is not None:
+            raise MergedTaskError(f"merge_task {merge_task!r}: {source} has no adapters to merge")
+        model = load_generic_model(spec.local_dir, dtype=torch_dtype)
+    model.to(torch_device)
+    logger.info("loaded %s (%s) on %s as %s, merge_task=%s, fingerprint %s", source, spec.kind,
+                torch_device, torch_dtype, merge_task, spec.fingerprint[:16])
+    return Embedder(spec, model, device=torch_device, dtype=torch_dtype, merged_task=merge_task,
+                    pad_id=int(config.get("pad_token_id") or 0),
+                    position_offset=position_offset(config), compile=compile)
+
+
+class Embedder:
+    """A loaded model plus the semantics of ``encode``; build it with ``load_embedder``.
+
+    jina-v3 models on SDPA switch to ``embedjob.model.attention.VARLEN_ATTENTION``: padded forwards are
+    still SDPA, packed forwards attend per sequence (``varlen``; False: a block-diagonal mask,
+    as for generic models).
+
+    ``compile``: forwards with one adapter state run the transformers model (under any
+    PeftModel) through ``torch.compile(dynamic=True)``: one graph for all batch shapes, plus
+    one per adapter state (task, no adapter), for batch size 1 and for no padding; packed
+    forwards on CPU break the graph at each attention. Mixed-task rows stay eager: PEFT
+    selects their adapters with forward hooks, which dynamo does not guard on (a compiled
+    graph would silently keep the adapters it was traced with).
+    """
+
+    def __init__(self, spec: ModelSpec, model: torch.nn.Module, *, device: torch.device,
+                 dtype: torch.dtype, merged_task: str | None, pad_id: int,
+                 position_offset: int, compile: bool = False) -> None:
+        self.spec = spec
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.merged_task = merged_task
+        self.pad_id = pad_id
+        self.position_offset = position_offset
+        self.varlen = spec.kind == "jina-v3" and install_varlen(_base_model(model))
+        self._compiled = torch.compile(_base_model(model), dynamic=True) if compile else None
+        self._tokenizer: TextTokenizer | None = None
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.spec.tasks
+
+    @property
+    def matryoshka_dims(self) -> tuple[int, ...]:
+        return self.spec.matryoshka_dims
+
+    @property
+    def hidden_size(self) -> int:
+        return self.spec.hidden_size
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = self.spec.tokenizer()
+        return self._tokenizer
+
+    def check_task(self, task: str | None) -> None:
+        """Raise unless ``task`` is valid for the model and for how it was loaded."""
+        self.spec.check_task(task)
+        if self.merged_task is not None and task != self.merged_task:
+            raise MergedTaskError(
+                f"task {task!r} not available: this embedder was loaded merged for "
+                f"{self.merged_task!r} (adapter merged into the weights); load it without "
+                "merge_task to encode other tasks"
+            )
+
+    def encode(self, texts: Sequence[str], *, task: str | None = None, dim: int | None = None,
+               batch_size: int = 32) -> np.ndarray:
+        """Embed raw texts like the original ``encode()``.
+
+        Args:
+            texts: Raw texts; the task's instruction prefix is added here.
+            task: Task (adapter + prefix); None means no adapter (the base model).
+            dim: Matryoshka dim; None for the full ``hidden_size``.
+            batch_size: Rows per forward (texts are length-sorted first).
+
+        Returns:
+            float32 [n, dim or hidden_size], L2-normalised, in input order.
+        """
+        self.check_task(task)
+        self.spec.check_dim(dim)
+        tokenized = self.tokenizer.tokenize(list(texts), task)
+        if tokenized.truncated.any():
+            logger.warning("%d of %d texts truncated to %d tokens: indices %s",
+                           int(tokenized.truncated.sum()), len(texts), self.spec.max_tokens,
+                           np.flatnonzero(tokenized.truncated)[:20].tolist())
+        out = np.zeros((len(texts), self.hidden_size), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: -len(tokenized.ids[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            out[rows] = self.encode_ids([tokenized.ids[i] for i in rows], task=task)
+        return out if dim is None else matryoshka(out, dim)
+
+    def encode_ids(self, ids: Sequence[np.ndarray], *, task: str | None = None,
+                   tasks: Sequence[str | None] | None = None, packed: bool = False) -> np.ndarray:
+        """Embed already-tokenized texts (special tokens and prefix included, truncated).
+
+        Args:
+            ids: One 1-D int array per text.
+            task: One task for all rows (None: no adapter). Exclusive with ``tasks``.
+            tasks: One task per row.
+            packed: Concatenate all rows into one sequence (one per task) that attends within
+                each row only, instead of right-padding; results equal (fp32, 1e-5).
+
+        Returns:
+            float32 [n, hidden_size], L2-normalised full-dim vectors in input order.
+        """
+        row_tasks = self._row_tasks(ids, task, tasks)
+        if not ids:
+            return np.zeros((0, self.hidden_size), dtype=np.float32)
+        with torch.inference_mode():
+            if not packed:
+                with self._adapters(row_tasks) as extra:
+                    return self._pool_padded(ids, extra).cpu().numpy()
+            pooled = torch.empty(len(ids), self.hidden_size, dtype=torch.float32)
+            for t, rows in _group_rows(row_tasks).items():
+                with self._adapters([t]):
+                    pooled[rows] = self._pool_packed([ids[i] for i in rows]).cpu()
+            return pooled.numpy()
+
+    def encode_batches(self, batches: Sequence[Sequence[np.ndarray]], *, task: str | None = None,
+                       packed: bool = False) -> list[np.ndarray]:
+        """Embed several batches of token ids, one forward each, waiting for the device once.
+
+        Equals ``[encode_ids(b, task=task, packed=packed) for b in batches]``. On CUDA each
+        batch's inputs go from pinned host memory with ``non_blocking=True`` and its vectors
+        stay on the device until the end, so the host prepares batch i+1 while the GPU runs
+        batch i.
+
+        Args:
+            batches: Each a list of 1-D int token-id arrays (prefix and special tokens included).
+            task: One task for every row (None: no adapter).
+            packed: Packed instead of padded forwards (see ``encode_ids``).
+
+        Returns:
+            One float32 [n_i, hidden_size] L2-normalised array per batch.
+
+        Raises:
+            torch.OutOfMemoryError: A forward did not fit; nothing is returned.
+        """
+        for ids in batches:
+            self._row_tasks(ids, task, None)
+        with torch.inference_mode():
+            pooled = self._pool_batches(batches, task, packed)  # [sum n_i, H] on the device
+            host = pooled.cpu()  # the one wait for the device
+        return [x.numpy() for x in torch.split(host, [len(ids) for ids in batches])]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                tasks: Sequence[str | None], **model_kwargs: Any) -> Any:
+        """One model forward with an adapter per row (None: no adapter); HF model output.
+
+        Args:
+            input_ids: [B, L] token ids.
+            attention_mask: [B, L] 1 for tokens, 0 for padding; or a 4D [B, 1, L, L] mask.
+            tasks: One task per row (or one for all rows).
+            **model_kwargs: Passed to the model (``position_ids``, ``output_hidden_states``).
+        """
+        with torch.inference_mode(), self._adapters(list(tasks)) as extra:
+            return self.model(input_ids=input_ids.to(self.device),
+                              attention_mask=attention_mask.to(self.device),
+                              **extra, **model_kwargs)
+
+    def _pool_batches(self, batches: Sequence[Sequence[np.ndarray]], task: str | None,
+                      packed: bool) -> torch.Tensor:
+        """Normalised fp32 [sum n_i, H] on the device, batches in order; nothing waits for it."""
+        pooled = [torch.zeros(0, self.hidden_size, device=self.device)]
+        with self._adapters([task]):
+            for ids in batches:
+                if ids:
+                    pooled.append(self._pool_packed(ids) if packed else self._pool_padded(ids, {}))
+        return torch.cat(pooled)
+
+    def _row_tasks(self, ids: Sequence[np.ndarray], task: str | None,
+                   tasks: Sequence[str | None] | None) -> list[str | None]:
+        if tasks is not None and task is not None:
+            raise ValueError("pass task (one for all rows) or tasks (one per row), not both")
+        row_tasks = [task] * len(ids) if tasks is None else list(tasks)
+        if len(row_tasks) != len(ids):
+            raise ValueError(f"{len(row_tasks)} tasks for {len(ids)} rows")
+        for t in set(row_tasks):
+            self.check_task(t)
+        for x in ids:
+            if x.ndim != 1:
+                raise ValueError(f"token ids must be 1-D arrays, got shape {list(x.shape)}")
+            if not 1 <= len(x) <= self.spec.max_tokens:
+                raise ValueError(f"text has {len(x)} tokens, max_tokens is {self.spec.max_tokens}")
+        return row_tasks
+
+    @contextlib.contextmanager
+    def _adapters(self, row_tasks: list[str | None]) -> Iterator[dict[str, Any]]:
+        """Select adapters for one forward; yields extra model kwargs."""
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):  # merged or generic: weights are the task
+            yield {}
+            return
+        distinct = set(row_tasks)
+        if len(distinct) > 1:
+            yield {"adapter_names": [BASE_ADAPTER if t is None else TASK_ADAPTERS[t]
+                                     for t in row_tasks]}
+        elif None in distinct:
+            with self.model.disable_adapter():
+                yield {}
+        else:
+            self.model.set_adapter(TASK_ADAPTERS[row_tasks[0]])
+            yield {}
+
+    def _to_device(self, host: np.ndarray) -> torch.Tensor:
+        """One host -> device copy; on CUDA from pinned memory, queued behind the running
+        forward (the caching host allocator keeps the pinned block until the copy is done)."""
+        tensor = torch.from_numpy(host)
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _pool_padded(self, ids: Sequence[np.ndarray], extra: dict[str, Any]) -> torch.Tensor:
+        """Right-padded forward in the current adapter state; normalised fp32 [n, H], on the
+        device. ``extra``: model kwargs from ``_adapters``."""
+        lengths = np.array([len(x) for x in ids])
+        longest = int(lengths.max())
+        host = np.full((2, len(ids), longest), self.pad_id, dtype=np.int64)  # ids, mask
+        for i, x in enumerate(ids):
+            host[0, i, : len(x)] = x
+        host[1] = np.arange(longest)[None, :] < lengths[:, None]
+        input_ids, mask = self._to_device(host)  # [n, L] each
+        # No padding: no mask, so SDPA may use its flash kernel (transformers would otherwise
+        # read mask.all() on the device to find that out).
+        out = self._call_model(extra, input_ids=input_ids,
+                               attention_mask=None if lengths.min() == longest else mask)
+        return F.normalize(pool(out.last_hidden_state, mask, self.spec.pooling), p=2, dim=-1)
+
+    def _pool_packed(self, ids: Sequence[np.ndarray]) -> torch.Tensor:
+        """All rows as one sequence with restarting positions, attending within each row only,
+        in the current adapter state; normalised fp32 [n, H], on the device."""
+        lengths = np.array([len(x) for x in ids])
+        cu_seq_lens = np.concatenate([[0], np.cumsum(lengths)])  # [n + 1]
+        total = int(cu_seq_lens[-1])
+        segment = np.repeat(np.arange(len(ids)), lengths)  # [T], row of each token
+        positions = np.arange(total) - cu_seq_lens[segment] + self.position_offset
+        # one copy: [T ids | T positions | T segment | n + 1 offsets]
+        host = np.concatenate([*ids, positions, segment, cu_seq_lens]).astype(np.int64)
+        flat = self._to_device(host)
+        input_ids, position_ids, segment_d = flat[:3 * total].view(3, 1, total)  # [1, T] each
+        offsets = flat[3 * total:]  # [n + 1]
+        if self.varlen:
+            out = self._call_model({}, input_ids=input_ids, attention_mask=None,
+                                   position_ids=position_ids,
+                                   **self._varlen_kwargs(cu_seq_lens, offsets))
+        else:
+            # [1, 1, T, T] bool, True = may attend: full T^2 work. attention_mask=None with
+            # restarting position_ids alone would let rows attend to each other.
+            mask = (segment_d[0, :, None] == segment_d[0, None, :])[None, None]
+            out = self._call_model({}, input_ids=input_ids, attention_mask=mask,
+                                   position_ids=position_ids)
+        hidden = out.last_hidden_state[0].float()  # [T, H]
+        if self.spec.pooling == "cls":
+            pooled = hidden[offsets[:-1]]
+        else:
+            sums = torch.zeros(len(ids), hidden.shape[1], device=hidden.device)
+            sums.index_add_(0, segment_d[0], hidden)  # [n, H]
+            pooled = sums / offsets.diff().float()[:, None]
+        return F.normalize(pooled, p=2, dim=-1)
+
+    def _call_model(self, extra: dict[str, Any], **inputs: Any) -> Any:
+        """The model in the current adapter state; compiled unless ``extra`` (from
+        ``_adapters``) selects adapters per row, see the class docstring."""
+        if self._compiled is None or extra:
+            return self.model(**inputs, **extra)
+        return self._compiled(**inputs)
+
+    def _varlen_kwargs(self, cu_seq_lens: np.ndarray, offsets: torch.Tensor) -> dict[str, Any]:
+        """Model kwargs of a varlen forward. The fused kernels want int32 offsets on the device
+        (``offsets``, already there); per-sequence SDPA reads them on the host (no sync)."""
+        on_device = has_fused_varlen(self.device, self.dtype)
+        cu = offsets.int() if on_device else torch.from_numpy(cu_seq_lens.astype(np.int32))
+        longest = int(np.diff(cu_seq_lens).max())
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                "max_length_q": longest, "max_length_k": longest}
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool [B, L, H] token states over a [B, L] mask in fp32 -> [B, H]."""
+    if pooling == "cls":
+        return hidden[:, 0].float()
+    m = mask.to(torch.float32)[..., None]  # [B, L, 1]
+    summed = (hidden.float() * m).sum(dim=1)  # [B, H]
+    return summed / m.sum(dim=1).clamp(min=1e-9)
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PeftModel (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _group_rows(row_tasks: list[str | None]) -> dict[str | None, list[int]]:
+    groups: dict[str | None, list[int]] = {}
+    for i, t in enumerate(row_tasks):
+        groups.setdefault(t, []).append(i)
+    return groups

@@ -1,0 +1,281 @@
+"""What a model is (ModelSpec) and its tokenizer, read without loading any weights.
+
+CPU tokenizer workers use only this module: ``load_spec`` reads config and tokenizer files
+(for ``s3://`` and hub sources it downloads only those small files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from embedjob.errors import BugError, CheckpointError, UnknownTaskError, UnsupportedDimError
+from embedjob.model import generic
+from embedjob.model.source import ResolvedSource, resolve
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["jina-v3", "generic"]
+Pooling = Literal["mean", "cls"]
+Layout = Literal["original", "hf", "generic"]
+KINDS: tuple[str, ...] = ("jina-v3", "generic")
+POOLINGS: tuple[str, ...] = ("mean", "cls")
+
+# The task table: jina-v3 task name -> PEFT adapter name (PEFT names cannot contain '.')
+# and subfolder of the converted (-hf) layout.
+TASK_ADAPTERS: dict[str, str] = {
+    "retrieval.query": "retrieval_query",
+    "retrieval.passage": "retrieval_passage",
+    "separation": "separation",
+    "classification": "classification",
+    "text-matching": "text_matching",
+}
+JINA_DEFAULT_TASK = "retrieval.passage"
+# Published jinaai/jina-embeddings-v3 values, used when a converted config lacks them.
+JINA_V3_DEFAULTS: dict[str, Any] = {
+    "lora_adaptations": list(TASK_ADAPTERS),
+    "task_instructions": {
+        "retrieval.query": "Represent the query for retrieving evidence documents: ",
+        "retrieval.passage": "Represent the document for retrieval: ",
+        "separation": "",
+        "classification": "",
+        "text-matching": "",
+    },
+    "matryoshka_dimensions": [32, 64, 128, 256, 512, 768, 1024],
+}
+JINA_HF_MODEL_TYPE = "jina_embeddings_v3"
+# A text is cut at max_tokens * this many characters before tokenizing, so a 10 MB text
+# costs a bounded tokenizer call. Real tokens average 3-5 characters (XLM-R on Brown: ~4.4);
+# the cut can only matter for texts averaging over 64 characters per token.
+MAX_CHARS_PER_TOKEN = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Everything about a model that tokenizing, batching and writing need; picklable.
+
+    Attributes:
+        source: The source as given (local dir, ``s3://`` prefix or hub id).
+        kind: ``jina-v3`` (task adapters) or ``generic`` (plain HF encoder).
+        tasks: Valid task names; empty for generic encoders.
+        default_task: The task a job uses when none is given (None: no adapter).
+        instructions: Task -> instruction prefix prepended to the text before tokenizing.
+        matryoshka_dims: Dims a vector may be truncated to (ascending, last = hidden_size).
+        hidden_size: Full embedding width.
+        max_tokens: Tokens per text including special tokens; longer texts are truncated.
+        pooling: ``mean`` over every non-padding token, or ``cls`` (first token).
+        fingerprint: Stable hash identifying the weights.
+        revision: Hub commit when known.
+        local_dir: Local directory holding the model files (weights may be absent).
+    """
+
+    source: str
+    kind: Kind
+    tasks: tuple[str, ...]
+    default_task: str | None
+    instructions: dict[str, str] = field(default_factory=dict)
+    matryoshka_dims: tuple[int, ...]
+    hidden_size: int
+    max_tokens: int
+    pooling: Pooling
+    fingerprint: str
+    revision: str | None
+    local_dir: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind {self.kind!r} not in {list(KINDS)}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r} not in {list(POOLINGS)}")
+        if self.default_task is not None:
+            self.check_task(self.default_task)
+        unknown = sorted(set(self.instructions) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"instructions for tasks {unknown} not in {list(self.tasks)}")
+        if not self.matryoshka_dims or max(self.matryoshka_dims) > self.hidden_size:
+            raise ValueError(
+                f"matryoshka dims {list(self.matryoshka_dims)} must be non-empty and "
+                f"<= hidden_size {self.hidden_size}"
+            )
+        if self.max_tokens < 2:
+            raise ValueError(f"max_tokens {self.max_tokens} must be >= 2")
+
+    def __hash__(self) -> int:
+        # The generated hash would fail on the instructions dict; the rest identifies a spec.
+        return hash((self.source, self.fingerprint, self.kind, self.tasks, self.max_tokens,
+                     tuple(sorted(self.instructions.items()))))
+
+    def check_task(self, task: str | None) -> None:
+        """Raise UnknownTaskError unless ``task`` is None (no adapter) or one of ``tasks``."""
+        if task is not None and task not in self.tasks:
+            raise UnknownTaskError(f"task {task!r} not in {list(self.tasks)} (or None)")
+
+    def check_dim(self, dim: int | None) -> None:
+        """Raise UnsupportedDimError unless ``dim`` is None (full) or a Matryoshka dim."""
+        if dim is not None and dim not in self.matryoshka_dims:
+            raise UnsupportedDimError(
+                f"dim {dim} not in matryoshka dims {list(self.matryoshka_dims)}"
+            )
+
+    def prefix(self, task: str | None) -> str:
+        """The instruction prefix of ``task`` ('' for None and tasks without one)."""
+        self.check_task(task)
+        return self.instructions.get(task, "") if task is not None else ""
+
+    def tokenizer(self) -> TextTokenizer:
+        """A TextTokenizer for this model (loads only tokenizer files)."""
+        return TextTokenizer(self)
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Token ids of a list of texts.
+
+    Attributes:
+        ids: One int32 array per text: special tokens and prefix included, truncated.
+        truncated: bool [n], True where the text did not fit in ``max_tokens``.
+    """
+
+    ids: list[np.ndarray]
+    truncated: np.ndarray
+
+
+class TextTokenizer:
+    """The model's fast tokenizer plus task prefixes and truncation; no weights needed.
+
+    Pickles as its spec, so it can be shipped to workers and rebuilt there.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        from transformers import AutoTokenizer
+
+        local = Path(spec.local_dir)
+        if not any((local / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            # Rebuilt on another machine than the one that resolved the spec.
+            local = Path(resolve(spec.source, weights=False).local_dir)
+        self.spec = spec
+        self._tok = AutoTokenizer.from_pretrained(str(local), trust_remote_code=False)
+        if not self._tok.is_fast:
+            raise CheckpointError(f"{spec.source}: no fast tokenizer (tokenizer.json) found")
+        self.pad_id: int = int(self._tok.pad_token_id)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TextTokenizer, (self.spec,))
+
+    def tokenize(self, texts: Sequence[str], task: str | None = None) -> Tokenized:
+        """Tokenize ``texts`` for ``task`` in one batched fast-tokenizer call.
+
+        Args:
+            texts: Raw texts (no prefix).
+            task: Task whose instruction prefix is prepended; None for no prefix.
+
+        Returns:
+            Int32 ids per text (``<s> prefix+text </s>``, at most ``max_tokens``) and which
+            texts were truncated.
+        """
+        prefix = self.spec.prefix(task)
+        if not texts:
+            return Tokenized(ids=[], truncated=np.zeros(0, dtype=bool))
+        max_chars = self.spec.max_tokens * MAX_CHARS_PER_TOKEN
+        cut = np.array([len(prefix) + len(t) > max_chars for t in texts], dtype=bool)
+        batch = [(prefix + t[:max_chars])[:max_chars] for t in texts]
+        enc = self._tok(
+            batch, add_special_tokens=True, truncation=True, max_length=self.spec.max_tokens,
+            return_overflowing_tokens=True, return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        ids: list[np.ndarray | None] = [None] * len(texts)
+        truncated = cut
+        # Overflow rows follow their text's first row; any overflow means truncation.
+        for row, sample in zip(enc["input_ids"], enc["overflow_to_sample_mapping"], strict=True):
+            if ids[sample] is None:
+                ids[sample] = np.asarray(row, dtype=np.int32)
+            else:
+                truncated[sample] = True
+        if any(x is None for x in ids):
+            raise BugError("the tokenizer returned no row for some texts")
+        return Tokenized(ids=ids, truncated=truncated)  # type: ignore[arg-type]
+
+
+def load_spec(source: str, *, filesystem: Any = None) -> ModelSpec:
+    """Read a model's spec from config and tokenizer files only (no weights downloaded).
+
+    Args:
+        source: Local directory, ``s3://`` prefix or hub id.
+        filesystem: fsspec filesystem for ``s3://`` (default ``s3fs.S3FileSystem()``).
+
+    Raises:
+        ModelSourceError: The source cannot be resolved.
+        CheckpointError: The files do not describe a supported model.
+    """
+    return spec_from_resolved(resolve(source, filesystem=filesystem, weights=False))
+
+
+def load_tokenizer(source: str, *, filesystem: Any = None) -> TextTokenizer:
+    """``load_spec(source).tokenizer()``."""
+    return load_spec(source, filesystem=filesystem).tokenizer()
+
+
+def read_config(local_dir: str | Path) -> dict[str, Any]:
+    """config.json of a model directory as a dict."""
+    path = Path(local_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"no config.json in {local_dir}")
+    return json.loads(path.read_text())
+
+
+def checkpoint_layout(config: Mapping[str, Any]) -> Layout:
+    """``original`` (jinaai/jina-embeddings-v3), ``hf`` (converted -hf) or ``generic``."""
+    if config.get("model_type") == JINA_HF_MODEL_TYPE:
+        return "hf"
+    if "lora_adaptations" in config:
+        return "original"
+    return "generic"
+
+
+def spec_from_resolved(resolved: ResolvedSource) -> ModelSpec:
+    """Build the ModelSpec of a resolved source from its config and tokenizer files."""
+    config = read_config(resolved.local_dir)
+    common = {
+        "source": resolved.source, "fingerprint": resolved.fingerprint,
+        "revision": resolved.revision, "local_dir": resolved.local_dir,
+        "hidden_size": int(config["hidden_size"]),
+        "max_tokens": max_tokens(resolved.local_dir, config),
+    }
+    if checkpoint_layout(config) == "generic":
+        prompts = generic.read_prompts(resolved.local_dir)
+        return ModelSpec(
+            kind="generic", tasks=tuple(prompts), default_task=None, instructions=prompts,
+            matryoshka_dims=(common["hidden_size"],),
+            pooling=generic.read_pooling(resolved.local_dir), **common,
+        )
+    meta = {k: config.get(k, v) for k, v in JINA_V3_DEFAULTS.items()}
+    tasks = tuple(meta["lora_adaptations"])
+    unknown = sorted(set(tasks) - set(TASK_ADAPTERS))
+    if unknown:
+        raise CheckpointError(f"lora_adaptations {unknown} not in {list(TASK_ADAPTERS)}")
+    dims = [d for d in meta["matryoshka_dimensions"] if d <= common["hidden_size"]]
+    return ModelSpec(
+        kind="jina-v3", tasks=tasks,
+        default_task=JINA_DEFAULT_TASK if JINA_DEFAULT_TASK in tasks else None,
+        instructions={t: meta["task_instructions"].get(t, "") for t in tasks},
+        matryoshka_dims=tuple(sorted(set(dims) | {common["hidden_size"]})),
+        pooling="mean", **common,
+    )
+
+
+def max_tokens(local_dir: str | Path, config: Mapping[str, Any]) -> int:
+    """Tokenizer ``model_max_length`` capped by the positions the model can embed."""
+    path = Path(local_dir) / "tokenizer_config.json"
+    tok_config = json.loads(path.read_text()) if path.is_file() else {}
+    limit = int(min(tok_config.get("model_max_length") or 1 << 30, 1 << 30))
+    positions = config.get("max_position_embeddings")
+    if positions:
+        limit = min(limit, int(positions) - generic.position_offset(config))
+    return limit

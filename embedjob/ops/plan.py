@@ -1,0 +1,173 @@
+"""``embedjob plan``: size a job before paying for it, from a sample of the input.
+
+Reads the first rows of a few input files (never the whole corpus), tokenizes them exactly
+as the job would (task prefix, truncation), and extrapolates: rows, token-length
+percentiles, total tokens, output bytes per vector column, and GPU-hours at a throughput
+(default: the ``pipeline.tokens_per_s`` of the last ``embedjob bench`` on this machine).
+
+It also times the tokenizer on that sample, and from it sizes the CPU stage: the tokenize
+tasks that keep ``num_actors`` encode actors fed at that throughput (``--tokenize-tasks``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from embedjob import storage
+from embedjob.config import EmbedConfig
+from embedjob.stages import read
+
+LAST_BENCH = Path(os.environ.get("EMBEDJOB_CACHE", Path.home() / ".cache" / "embedjob")) / (
+    "last_bench.json")
+SAMPLE_FILES = 8
+PERCENTILES = (50, 90, 99, 100)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SizingReport:
+    files: int
+    sampled_rows: int
+    estimated_rows: int
+    rows_exact: bool  # Parquet/Lance row counts come from metadata; others are estimated
+    token_percentiles: dict[str, int]
+    mean_tokens: float
+    estimated_tokens: int
+    bytes_per_column: dict[str, int]
+    tokens_per_s: float | None
+    tokens_per_s_source: str
+    gpu_hours: float | None
+    tokenizer_tokens_per_s: float  # one tokenize task, measured on the sample
+    num_actors: int
+    tokenize_tasks: int | None  # tasks that feed num_actors at tokens_per_s; None: unknown
+
+    def lines(self) -> list[str]:
+        approx = "" if self.rows_exact else "~"
+        out = [f"input: {self.files} files, {approx}{self.estimated_rows:,} rows "
+               f"(sampled {self.sampled_rows:,})",
+               "tokens per row: " + ", ".join(f"p{k} {v}" for k, v in
+                                               self.token_percentiles.items())
+               + f", mean {self.mean_tokens:.1f}",
+               f"estimated tokens: {self.estimated_tokens:,}"]
+        out += [f"output {name}: {_human(size)}" for name, size in
+                self.bytes_per_column.items()]
+        if self.gpu_hours is not None:
+            out.append(f"at {self.tokens_per_s:,.0f} tokens/s ({self.tokens_per_s_source}): "
+                       f"{self.gpu_hours:,.2f} GPU-hours")
+        else:
+            out.append("no throughput known: pass --tokens-per-s or run `embedjob bench`")
+        out.append(f"tokenizer: {self.tokenizer_tokens_per_s:,.0f} tokens/s per task "
+                   f"(measured on the sample)")
+        if self.tokenize_tasks is not None:
+            out.append(f"to feed {self.num_actors} encode actor(s): {self.tokenize_tasks} "
+                       f"tokenize task(s) (--tokenize-tasks {self.tokenize_tasks})")
+        return out
+
+
+def size_job(config: EmbedConfig, *, sample_rows: int = 20000,
+             tokens_per_s: float | None = None) -> SizingReport:
+    """Sample the input and extrapolate the job's size."""
+    from embedjob.driver.preflight import model_plan, read_spec_for
+
+    options = storage.resolve_storage_options(config.storage_options)
+    fmt = config.input_format
+    units = read.list_units(config.input, fmt, options)
+    if not units:
+        from embedjob.errors import InputError
+
+        raise InputError(f"input {config.input!r} matched no {fmt} files")
+    spec, task, dims = model_plan(config, options)
+    read_spec, _ = read_spec_for(config, fmt, units, options)
+    texts, sampled_units = _sample_texts(units[:SAMPLE_FILES], read_spec, sample_rows)
+    tokenizer = spec.tokenizer()
+    started = time.perf_counter()
+    lengths = np.array([len(x) for x in tokenizer.tokenize(texts, task).ids] or [0])
+    tokenizer_speed = float(lengths.sum()) / max(time.perf_counter() - started, 1e-9)
+    rows, exact = _estimate_rows(units, sampled_units, len(texts), read_spec, options)
+    width = 2 if config.vector_dtype == "float16" else 4
+    columns = {"vector": dims[0]} | {f"vector_{d}": d for d in dims[1:]}
+    speed, source = _throughput(tokens_per_s)
+    total_tokens = int(lengths.mean() * rows)
+    return SizingReport(
+        files=len(units), sampled_rows=len(texts), estimated_rows=rows, rows_exact=exact,
+        token_percentiles={str(p): int(np.percentile(lengths, p)) for p in PERCENTILES},
+        mean_tokens=float(lengths.mean()), estimated_tokens=total_tokens,
+        bytes_per_column={f"{n} ({config.vector_dtype})": rows * d * width
+                          for n, d in columns.items()},
+        tokens_per_s=speed, tokens_per_s_source=source,
+        gpu_hours=total_tokens / speed / 3600 if speed else None,
+        tokenizer_tokens_per_s=tokenizer_speed, num_actors=config.num_actors,
+        tokenize_tasks=tokenize_tasks(config.num_actors, speed, tokenizer_speed),
+    )
+
+
+def tokenize_tasks(num_actors: int, encoder_tokens_per_s: float | None,
+                   tokenizer_tokens_per_s: float, headroom: float = 1.5) -> int | None:
+    """Tokenize tasks that keep ``num_actors`` encoders fed, with ``headroom`` for the
+    tokenizer's slower moments (long texts, cold caches); None when the encoder's speed is
+    unknown."""
+    if not encoder_tokens_per_s or tokenizer_tokens_per_s <= 0:
+        return None
+    need = num_actors * encoder_tokens_per_s * headroom / tokenizer_tokens_per_s
+    return max(1, math.ceil(need))
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:,.1f} {unit}"
+        size /= 1024
+    return f"{size:,.1f} TiB"
+
+
+def _sample_texts(units: list[str], spec: read.ReadSpec, limit: int) -> tuple[list[str], int]:
+    """Up to ``limit`` valid texts from the first units, spread over them."""
+    texts: list[str] = []
+    per_unit = max(1, limit // len(units))
+    used = 0
+    for unit in units:
+        used += 1
+        taken = 0
+        for table in read.iter_rows(unit, spec):
+            for text in table.column("_text").to_pylist():
+                if text and text.strip() and taken < per_unit:
+                    texts.append(text)
+                    taken += 1
+            if taken >= per_unit:
+                break
+    return texts, used
+
+
+def _estimate_rows(units: list[str], sampled_units: int, sampled: int, spec: read.ReadSpec,
+                   options: dict) -> tuple[int, bool]:
+    """Exact for Parquet (footers), else sampled rows per byte times total bytes."""
+    if spec.format == "parquet":
+        return sum(read.parquet_rows(unit, spec) for unit in units), True
+    sizes = storage.file_sizes(units, options)
+    sampled_bytes = sum(sizes[u] for u in units[:sampled_units]) or 1
+    return int(sampled / sampled_bytes * sum(sizes.values())), False
+
+
+def _throughput(override: float | None) -> tuple[float | None, str]:
+    if override:
+        return override, "given"
+    if LAST_BENCH.is_file():
+        last = json.loads(LAST_BENCH.read_text())
+        speed = (last.get("pipeline") or {}).get("tokens_per_s")
+        if speed:
+            return float(speed), f"last bench on {last.get('device', '?')}"
+    return None, "unknown"
+
+
+def record_bench(result: dict) -> None:
+    """Keep the last bench result for ``embedjob plan``."""
+    LAST_BENCH.parent.mkdir(parents=True, exist_ok=True)
+    LAST_BENCH.write_text(json.dumps(result))
+
+

@@ -1,0 +1,396 @@
+"""Read stage: stream rows out of input units, tagged with where they came from.
+
+A unit is one input file (or one fragment of a Lance input). Each unit is read in bounded
+record batches, so no task ever holds a whole file. Every row leaves this stage with its
+identity: ``_source`` (the file) and ``_row`` (its index in the file), the id cast to the
+output id type, the text (null when it is not a string), the kept columns, and ``_reject``
+(null, or why the row cannot be embedded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from embedjob import storage
+from embedjob.errors import Backoff, CorruptInputError, is_transient
+
+logger = logging.getLogger(__name__)
+
+READ_BATCH_ROWS = 8192
+SUFFIXES: dict[str, tuple[str, ...]] = {
+    "parquet": (".parquet", ".pq"),
+    "jsonl": (".jsonl", ".json", ".ndjson"),
+    "csv": (".csv",),
+    "lance": (".lance",),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadSpec:
+    """What the read stage needs to know; pickled to every read task."""
+
+    format: str
+    id_column: str
+    text_column: str
+    keep_columns: tuple[str, ...]
+    id_type: pa.DataType
+    keep_types: tuple[pa.DataType, ...]
+    storage_options: Mapping[str, str] = field(repr=False)  # holds secrets
+    # True: a file or JSON line that cannot be parsed fails the job; False: it is recorded as
+    # a rejected row (a whole unreadable file as one row) and the rest is processed
+    fail_fast: bool = False
+
+    def schema(self) -> pa.Schema:
+        """The schema of every block this stage yields."""
+        keep = [pa.field(n, t) for n, t in zip(self.keep_columns, self.keep_types, strict=True)]
+        return pa.schema(
+            [
+                pa.field("_source", pa.string()),
+                pa.field("_row", pa.int64()),
+                pa.field("_id", self.id_type),
+                pa.field("_text", pa.string()),
+                pa.field("_reject", pa.string()),
+                *keep,
+            ]
+        )
+
+
+def list_units(uri: str, fmt: str, options: Mapping[str, str]) -> list[str]:
+    """Input units: the files (or the Lance dataset's fragments as ``uri#<id>``)."""
+    if fmt == "lance":
+        dataset = storage.open_lance(uri, options)
+        return [f"{uri}#{frag.fragment_id}" for frag in dataset.get_fragments()]
+    return storage.list_files(uri, options, SUFFIXES[fmt])
+
+
+def read_units(batch: pa.Table, spec: ReadSpec, tracker=None) -> Iterator[pa.Table]:
+    """``map_batches`` body: one input row per unit URI, yields bounded row blocks.
+
+    When a unit is read to its end, its row count goes to ``tracker`` (a ReadTracker),
+    so the driver can tell when every row of the unit is committed.
+    """
+    import ray
+
+    for unit in batch.column("unit").to_pylist():
+        rows = 0
+        try:
+            for raw, first_row in _raw_batches(unit, spec):
+                rows = first_row + raw.num_rows
+                yield normalize(raw, unit, first_row, spec)
+        except (pa.ArrowInvalid, OSError) as exc:  # transient ones were retried already
+            reason = _unreadable(unit, rows, spec, exc)
+            yield _unit_rejected(unit, reason, spec)
+            rows += 1  # the unit's one rejected row counts toward its rows
+        if tracker is not None:
+            ray.get(tracker.unit_read.remote(unit, rows))
+
+
+def _unreadable(unit: str, rows: int, spec: ReadSpec, exc: BaseException) -> str:
+    """The reason for a file that failed to parse (or raise, under ``fail_fast``)."""
+    where = f" after row {rows - 1}" if rows else ""
+    reason = f"unreadable {spec.format}{where}: {type(exc).__name__}: {str(exc)[:300]}"
+    if spec.fail_fast:
+        raise CorruptInputError(f"{unit}: {reason} (fail_fast is set)") from exc
+    logger.warning("%s: %s; the file is recorded as rejected", unit, reason)
+    return reason
+
+
+def _unit_rejected(unit: str, reason: str, spec: ReadSpec) -> pa.Table:
+    """One rejected row (no id, row -1) standing for the unreadable rest of ``unit``."""
+    columns = {field.name: pa.nulls(1, field.type) for field in spec.schema()}
+    columns |= {"_source": pa.array([unit]), "_row": pa.array([-1], pa.int64()),
+                "_reject": pa.array([reason])}
+    return pa.table(columns, schema=spec.schema())
+
+
+def iter_rows(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
+    """One unit's rows in this stage's schema (without a tracker)."""
+    for raw, first_row in _raw_batches(unit, spec):
+        yield normalize(raw, unit, first_row, spec)
+
+
+def parquet_rows(unit: str, spec: ReadSpec) -> int:
+    """Row count from a Parquet footer."""
+    import pyarrow.parquet as pq
+
+    with _open(unit, spec) as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+def _raw_batches(unit: str, spec: ReadSpec) -> Iterator[tuple[pa.Table, int]]:
+    """Yield (raw table, index of its first row in the unit).
+
+    A transient storage error (errors.TRANSIENT_ERRORS) reopens the unit after a backoff and
+    goes on after the last row yielded, so an outage of the store costs no row twice.
+    """
+    done, backoff = 0, Backoff(f"reading {unit}")
+    while True:
+        try:
+            row = 0
+            for table in _READERS[spec.format](unit, spec):
+                end = row + table.num_rows
+                if end > done:
+                    yield table.slice(done - row) if row < done else table, max(row, done)
+                    done = end
+                row = end
+            return
+        except (pa.ArrowInvalid, OSError) as exc:
+            backoff.wait(exc)  # re-raises what is not transient
+
+
+def _open(unit: str, spec: ReadSpec):
+    fs = storage.pyarrow_filesystem(unit, spec.storage_options)
+    return fs.open_input_file(storage.strip_scheme(unit))
+
+
+def _read_parquet(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
+    import pyarrow.parquet as pq
+
+    with _open(unit, spec) as handle:
+        parquet = pq.ParquetFile(handle)
+        wanted = [c for c in _wanted(spec) if c in parquet.schema_arrow.names]
+        for record_batch in parquet.iter_batches(READ_BATCH_ROWS, columns=wanted):
+            yield pa.Table.from_batches([record_batch])
+
+
+def _read_csv(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
+    import pyarrow.csv as pcsv
+
+    convert = pcsv.ConvertOptions(column_types={spec.text_column: pa.string()})
+    with _open(unit, spec) as handle:
+        reader = pcsv.open_csv(handle, convert_options=convert)
+        for record_batch in reader:
+            yield pa.Table.from_batches([record_batch])
+
+
+def _read_jsonl(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
+    """JSON lines parsed one by one, so a broken line is one rejected row, not a dead file."""
+    with _open(unit, spec) as handle:
+        rows: list[dict] = []
+        pending, done = b"", 0
+        while chunk := handle.read(1 << 20):
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()
+            rows.extend(_parse_json_line(line) for line in lines if line.strip())
+            if len(rows) >= READ_BATCH_ROWS:
+                yield _rows_to_table(_checked(rows, done, unit, spec), spec)
+                done, rows = done + len(rows), []
+        if pending.strip():
+            rows.append(_parse_json_line(pending))
+        if rows:
+            yield _rows_to_table(_checked(rows, done, unit, spec), spec)
+
+
+def _checked(rows: list[dict], first_row: int, unit: str, spec: ReadSpec) -> list[dict]:
+    """``rows`` as they are, or under ``fail_fast`` an error naming the first broken line."""
+    if spec.fail_fast:
+        for i, row in enumerate(rows):
+            if "__reject" in row:
+                raise CorruptInputError(
+                    f"{unit}: row {first_row + i}: {row['__reject']} (fail_fast is set)"
+                )
+    return rows
+
+
+def _parse_json_line(line: bytes) -> dict:
+    try:
+        value = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return {"__reject": f"invalid JSON line: {exc}"}
+    if not isinstance(value, dict):
+        return {"__reject": f"JSON line is a {type(value).__name__}, not an object"}
+    return value
+
+
+def _rows_to_table(rows: list[dict], spec: ReadSpec) -> pa.Table:
+    """Python rows -> table; texts that are not strings become null with a reason.
+
+    A wanted column that no row has is left out, so a missing column is reported as missing.
+    """
+    seen = set().union(*rows)
+    names = [name for name in _wanted(spec) if name in seen]
+    columns: dict[str, list] = {name: [row.get(name) for row in rows] for name in names}
+    reasons = [row.get("__reject") for row in rows]
+    for name, values in columns.items():
+        _drop_unencodable(name, values, reasons)
+    if spec.text_column in columns:
+        texts = columns[spec.text_column]
+        for i, text in enumerate(texts):
+            if text is not None and not isinstance(text, str):
+                reasons[i] = reasons[i] or f"text is not a string ({type(text).__name__})"
+                texts[i] = None
+    columns["__reject"] = reasons
+    return pa.table({name: _py_array(values) for name, values in columns.items()})
+
+
+def _drop_unencodable(name: str, values: list, reasons: list[str | None]) -> None:
+    """Strings that are not valid Unicode (JSON escapes of lone surrogates such as
+    ``"\\ud800"``) cannot be stored as UTF-8: the value becomes null and the row gets a reason.
+    """
+    for i, value in enumerate(values):
+        if isinstance(value, str) and not _encodable(value):
+            reasons[i] = reasons[i] or f"{name} is not valid Unicode (lone surrogate)"
+            values[i] = None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _py_array(values: list) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeEncodeError):
+        # mixed types become strings (an id column of 1 and "a" is cast per value later)
+        strings = [None if v is None else str(v) for v in values]
+        return pa.array([s if s is None or _encodable(s) else None for s in strings], pa.string())
+
+
+def _read_lance(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
+    uri, _, fragment_id = unit.rpartition("#")
+    dataset = storage.open_lance(uri, spec.storage_options)
+    fragment = dataset.get_fragment(int(fragment_id))
+    wanted = [c for c in _wanted(spec) if c in dataset.schema.names]
+    for record_batch in fragment.to_batches(batch_size=READ_BATCH_ROWS, columns=wanted):
+        yield pa.Table.from_batches([record_batch])
+
+
+_READERS = {
+    "parquet": _read_parquet,
+    "csv": _read_csv,
+    "jsonl": _read_jsonl,
+    "lance": _read_lance,
+}
+
+
+def _wanted(spec: ReadSpec) -> list[str]:
+    return [spec.id_column, spec.text_column, *spec.keep_columns]
+
+
+def normalize(raw: pa.Table, unit: str, first_row: int, spec: ReadSpec) -> pa.Table:
+    """Raw file columns -> this stage's fixed schema, with per-row reject reasons."""
+    n = raw.num_rows
+    reasons: list[str | None] = (
+        raw.column("__reject").to_pylist() if "__reject" in raw.column_names else [None] * n
+    )
+    ids = _column_or_reason(raw, spec.id_column, spec.id_type, "id", reasons)
+    text = _text_column(raw, spec.text_column, reasons)
+    keep = [
+        _cast_or_null(raw.column(c), t) if c in raw.column_names else pa.nulls(n, t)
+        for c, t in zip(spec.keep_columns, spec.keep_types, strict=True)
+    ]
+    return pa.Table.from_arrays(
+        [
+            pa.array([unit] * n, pa.string()),
+            pa.array(range(first_row, first_row + n), pa.int64()),
+            ids,
+            text,
+            pa.array(reasons, pa.string()),
+            *keep,
+        ],
+        schema=spec.schema(),
+    )
+
+
+def _column_or_reason(
+    raw: pa.Table, name: str, target: pa.DataType, label: str, reasons: list[str | None]
+) -> pa.Array:
+    """The id column cast to the output id type; rows that cannot be cast get a reason."""
+    n = raw.num_rows
+    if name not in raw.column_names:
+        _fill(reasons, range(n), f"{label} column {name!r} missing in this file")
+        return pa.nulls(n, target)
+    column = raw.column(name).combine_chunks()
+    try:
+        return pc.cast(column, target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        values = []
+        for i, value in enumerate(column.to_pylist()):
+            try:
+                values.append(pa.scalar(value).cast(target).as_py() if value is not None else None)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                _fill(reasons, [i], f"{label} {value!r} is not a {target}")
+                values.append(None)
+        return pa.array(values, target)
+
+
+def _text_column(raw: pa.Table, name: str, reasons: list[str | None]) -> pa.Array:
+    n = raw.num_rows
+    if name not in raw.column_names:
+        _fill(reasons, range(n), f"text column {name!r} missing in this file")
+        return pa.nulls(n, pa.string())
+    column = raw.column(name).combine_chunks()
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.cast(pa.string())
+    if pa.types.is_null(column.type):
+        return column.cast(pa.string())
+    valid = column.is_valid().to_pylist()
+    _fill(reasons, [i for i in range(n) if valid[i]], f"text is not a string ({column.type})")
+    return pa.nulls(n, pa.string())
+
+
+def _cast_or_null(column: pa.ChunkedArray, target: pa.DataType) -> pa.Array:
+    try:
+        return pc.cast(column.combine_chunks(), target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pa.nulls(len(column), target)
+
+
+def _fill(reasons: list[str | None], rows, reason: str) -> None:
+    for i in rows:
+        if reasons[i] is None:
+            reasons[i] = reason
+
+
+def probe_schema(unit: str, spec: ReadSpec) -> pa.Schema:
+    """Every column of a unit with its type (decides the id and kept column types).
+
+    An empty schema means the unit holds no rows or cannot be parsed (the next unit is
+    probed; the read stage records an unparsable unit as rejected).
+    """
+    try:
+        return _probe_schema(unit, spec)
+    except (pa.ArrowInvalid, OSError) as exc:
+        if is_transient(exc):
+            raise
+        logger.warning("%s: cannot read its schema (%s); probing the next file", unit, exc)
+        return pa.schema([])
+
+
+def _probe_schema(unit: str, spec: ReadSpec) -> pa.Schema:
+    if spec.format == "parquet":
+        import pyarrow.parquet as pq
+
+        with _open(unit, spec) as handle:
+            parquet = pq.ParquetFile(handle)
+            return parquet.schema_arrow if parquet.metadata.num_rows else pa.schema([])
+    if spec.format == "lance":
+        return storage.open_lance(unit.rpartition("#")[0], spec.storage_options).schema
+    if spec.format == "jsonl":
+        for table in _read_jsonl_all_keys(unit, spec):
+            return table.schema
+        return pa.schema([])
+    for table in _READERS[spec.format](unit, spec):
+        return table.schema
+    return pa.schema([])
+
+
+def _read_jsonl_all_keys(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
+    """The first JSON-lines batch with every key any row has."""
+    with _open(unit, spec) as handle:
+        head = handle.read(1 << 20).split(b"\n")[:READ_BATCH_ROWS]
+    rows = [r for r in (_parse_json_line(line) for line in head if line.strip())
+            if "__reject" not in r]
+    if rows:
+        keys = sorted(set().union(*rows))
+        yield pa.table({k: _py_array([r.get(k) for r in rows]) for k in keys})

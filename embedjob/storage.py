@@ -1,0 +1,319 @@
+"""One set of storage options, applied the same way to every client that touches storage.
+
+The canonical form is Lance's (object_store) keys. Values come from the standard AWS
+environment variables and are overridden by ``--storage-option KEY=VALUE``. pyarrow, s3fs
+and Lance each get their own spelling of the same settings. Secrets never reach a log line:
+use :func:`redacted` to show options.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import posixpath
+import uuid
+from collections.abc import Mapping
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from embedjob.errors import ConfigError, StorageError
+
+logger = logging.getLogger(__name__)
+
+# canonical key -> environment variable it is read from
+ENV_KEYS: dict[str, str] = {
+    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "aws_session_token": "AWS_SESSION_TOKEN",
+    "aws_endpoint": "AWS_ENDPOINT_URL",
+    "aws_region": "AWS_REGION",
+    "allow_http": "AWS_ALLOW_HTTP",
+}
+SECRET_KEYS = frozenset({"aws_secret_access_key", "aws_session_token", "aws_access_key_id"})
+
+
+def resolve_storage_options(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Merge the AWS environment variables with explicit overrides (overrides win).
+
+    Args:
+        overrides: ``--storage-option`` pairs; keys are Lance/object_store keys.
+
+    Returns:
+        Canonical options; an ``aws_endpoint`` starting with ``http://`` implies
+        ``allow_http=true``.
+    """
+    options = {key: os.environ[env] for key, env in ENV_KEYS.items() if os.environ.get(env)}
+    if "aws_region" not in options and os.environ.get("AWS_DEFAULT_REGION"):
+        options["aws_region"] = os.environ["AWS_DEFAULT_REGION"]
+    options.update({k: str(v) for k, v in (overrides or {}).items()})
+    if options.get("aws_endpoint", "").startswith("http://"):
+        options.setdefault("allow_http", "true")
+    return options
+
+
+def parse_storage_option(pair: str) -> tuple[str, str]:
+    """Parse one ``KEY=VALUE`` flag value."""
+    key, sep, value = pair.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"storage option {pair.split('=')[0]!r} must look like KEY=VALUE")
+    return key.strip(), value
+
+
+def redacted(options: Mapping[str, str]) -> dict[str, str]:
+    """Options safe to print: secrets replaced by ``***``."""
+    return {k: ("***" if k in SECRET_KEYS else v) for k, v in options.items()}
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def strip_scheme(uri: str) -> str:
+    """``s3://bucket/key`` -> ``bucket/key``; local paths become absolute."""
+    return uri.split("://", 1)[1] if is_s3(uri) else os.path.abspath(uri)
+
+
+def _allow_http(options: Mapping[str, str]) -> bool:
+    return str(options.get("allow_http", "false")).lower() in {"1", "true", "yes"}
+
+
+def lance_options(options: Mapping[str, str]) -> dict[str, str]:
+    """Storage options for Lance and lance_ray (already in their spelling)."""
+    return dict(options)
+
+
+def open_lance(uri: str, options: Mapping[str, str], version: int | None = None):
+    """The Lance dataset at ``uri`` (latest version unless ``version``), with these options."""
+    import lance
+
+    return lance.dataset(uri, version=version, storage_options=lance_options(options))
+
+
+def pyarrow_filesystem(uri: str, options: Mapping[str, str]) -> pafs.FileSystem:
+    """A pyarrow filesystem for ``uri`` (S3 needs ``endpoint_override`` explicitly)."""
+    if not is_s3(uri):
+        return pafs.LocalFileSystem()
+    endpoint = options.get("aws_endpoint")
+    kwargs: dict = {
+        "access_key": options.get("aws_access_key_id"),
+        "secret_key": options.get("aws_secret_access_key"),
+        "session_token": options.get("aws_session_token"),
+        "region": options.get("aws_region"),
+    }
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or endpoint
+        kwargs["scheme"] = parsed.scheme or ("http" if _allow_http(options) else "https")
+    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def s3fs_filesystem(options: Mapping[str, str]):
+    """An s3fs filesystem with the same settings (no region with a custom endpoint)."""
+    import s3fs
+
+    client_kwargs = {}
+    if options.get("aws_endpoint"):
+        client_kwargs["endpoint_url"] = options["aws_endpoint"]
+    elif options.get("aws_region"):
+        client_kwargs["region_name"] = options["aws_region"]
+    return s3fs.S3FileSystem(
+        key=options.get("aws_access_key_id"),
+        secret=options.get("aws_secret_access_key"),
+        token=options.get("aws_session_token"),
+        client_kwargs=client_kwargs,
+    )
+
+
+def _endpoint_hint(options: Mapping[str, str]) -> str:
+    return options.get("aws_endpoint") or "the default AWS endpoint"
+
+
+def list_files(uri: str, options: Mapping[str, str], suffixes: tuple[str, ...]) -> list[str]:
+    """Files named by ``uri``: one file, every matching file under a directory/prefix, or a glob.
+
+    Returns full URIs (``s3://...`` or absolute local paths), sorted, so that a rerun sees
+    the same order.
+    """
+    if not is_s3(uri):
+        return _list_local(uri, suffixes)
+    fs = pyarrow_filesystem(uri, options)
+    path = strip_scheme(uri)
+    try:
+        if any(ch in path for ch in "*?["):
+            found = ["s3://" + p for p in s3fs_filesystem(options).glob(path)]
+        else:
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.File:
+                return [uri]
+            if info.type == pafs.FileType.NotFound:
+                return []
+            selector = pafs.FileSelector(path, recursive=True)
+            found = [
+                "s3://" + i.path
+                for i in fs.get_file_info(selector)
+                if i.type == pafs.FileType.File
+            ]
+    except OSError as exc:
+        raise StorageError(
+            f"cannot list input {uri!r} at {_endpoint_hint(options)}: {exc}"
+        ) from exc
+    return sorted(f for f in found if f.endswith(suffixes))
+
+
+def _list_local(uri: str, suffixes: tuple[str, ...]) -> list[str]:
+    if any(ch in uri for ch in "*?["):
+        found = [os.path.abspath(p) for p in glob.glob(uri, recursive=True) if os.path.isfile(p)]
+    elif os.path.isfile(uri):
+        return [os.path.abspath(uri)]
+    elif os.path.isdir(uri):
+        found = [
+            os.path.join(root, name)
+            for root, _, names in os.walk(os.path.abspath(uri))
+            for name in names
+        ]
+    else:
+        return []
+    return sorted(f for f in found if f.endswith(suffixes))
+
+
+def check_reachable(uri: str, options: Mapping[str, str]) -> None:
+    """Fail early when the bucket of an ``s3://`` URI cannot be reached or does not exist."""
+    if not is_s3(uri):
+        return
+    bucket = strip_scheme(uri).split("/", 1)[0]
+    fs = pyarrow_filesystem(uri, options)
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot reach bucket {bucket!r} of {uri!r} at {_endpoint_hint(options)}: {exc}"
+        ) from exc
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"bucket {bucket!r} of {uri!r} does not exist")
+
+
+def lance_exists(uri: str, options: Mapping[str, str]) -> bool:
+    """Whether a Lance dataset (any committed version) exists at ``uri``."""
+    fs = pyarrow_filesystem(uri, options)
+    versions = strip_scheme(uri).rstrip("/") + "/_versions"
+    try:
+        info = fs.get_file_info(pafs.FileSelector(versions, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(f"cannot check output {uri!r}: {exc}") from exc
+    return len(info) > 0
+
+
+def file_fingerprints(uris: list[str], options: Mapping[str, str]) -> dict[str, str]:
+    """``size:mtime`` of each file (Lance fragments: ``fragment``), to notice changed input."""
+    files = [u for u in uris if "#" not in u]
+    found: dict[str, str] = {u: "fragment" for u in uris if "#" in u}
+    if files:
+        fs = pyarrow_filesystem(files[0], options)
+        infos = fs.get_file_info([strip_scheme(u) for u in files])
+        for uri, info in zip(files, infos, strict=True):
+            mtime = info.mtime_ns if info.mtime_ns is not None else ""
+            found[uri] = f"{info.size}:{mtime}"
+    return found
+
+
+def remove_tree(uri: str, options: Mapping[str, str]) -> None:
+    """Delete a directory / prefix and everything under it (missing is fine)."""
+    fs = pyarrow_filesystem(uri, options)
+    path = strip_scheme(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def validate_output_uri(uri: str, *, input_uri: str | None = None, label: str = "output") -> str:
+    """Check that a location the job writes to is exactly where the user pointed.
+
+    Rules: a local path or ``s3://bucket/key`` (no other scheme); no backslashes or control
+    characters; an ``s3://`` key has no ``.``, ``..`` or empty segments (clients normalize
+    them differently, so the object written could differ from the one named or leave the
+    prefix; local paths are resolved with ``os.path.abspath`` like every local path here)
+    and names something below the bucket, not the bucket; never the input itself, inside
+    the input location, or a parent of it (a run must not write into what it reads).
+
+    Args:
+        uri: The output or rejected-output URI.
+        input_uri: The job's input (a file, directory/prefix or glob).
+        label: What ``uri`` is, for messages ("output", "rejected_output").
+
+    Returns:
+        ``uri`` unchanged.
+
+    Raises:
+        ConfigError: naming the rule ``uri`` breaks.
+    """
+    scheme, sep, _ = uri.partition("://")
+    if sep and not is_s3(uri):
+        raise ConfigError(
+            f"{label} {uri!r}: scheme {scheme + '://'!r} not in ['s3://', 'a local path']"
+        )
+    path = uri.split("://", 1)[1] if sep else uri
+    bad = [c for c in path if ord(c) < 32 or ord(c) == 127 or c == "\\"]
+    if bad:
+        raise ConfigError(f"{label} {uri!r} contains {bad[0]!r}; control characters and "
+                          "backslashes are not allowed in output paths")
+    segments = path.rstrip("/").split("/")
+    for segment in segments if sep else []:
+        if segment in ("", ".", ".."):
+            raise ConfigError(f"{label} {uri!r} has a {segment or 'empty'!r} key segment; "
+                              "write the normalized key (no '.', '..' or '//')")
+    if sep and len(segments) < 2:
+        raise ConfigError(f"{label} {uri!r} is a bucket; name a dataset inside it, "
+                          f"e.g. {uri.rstrip('/')}/vectors.lance")
+    if input_uri is not None:
+        _check_apart(uri, input_uri, label)
+    return uri
+
+
+def _check_apart(uri: str, input_uri: str, label: str) -> None:
+    """The output must not overlap the input location (in either direction)."""
+    if is_s3(uri) != is_s3(input_uri):
+        return
+    wild = min((i for i in (input_uri.find(c) for c in "*?[") if i >= 0), default=-1)
+    # a glob's base is the directory before its first wildcard
+    base = _normalized(input_uri if wild < 0 else input_uri[:wild].rsplit("/", 1)[0])
+    out = _normalized(uri)
+    if out == base or out.startswith(base + "/") or base.startswith(out + "/"):
+        raise ConfigError(f"{label} {uri!r} overlaps the input {input_uri!r}; "
+                          "write outside the input location")
+
+
+def _normalized(uri: str) -> str:
+    path = strip_scheme(uri) if is_s3(uri) else os.path.abspath(uri)
+    return posixpath.normpath(path).rstrip("/")
+
+
+def check_writable(uri: str, options: Mapping[str, str]) -> None:
+    """Fail early when nothing can be written where ``uri`` lives.
+
+    Checks the bucket exists, then writes and deletes one small object beside ``uri``
+    (``<parent>/.embedjob-probe-<uuid>``), so a missing bucket, a read-only credential or an
+    unwritable directory fails before any model loads.
+    """
+    check_reachable(uri, options)  # first: some servers create a missing bucket on write
+    fs = pyarrow_filesystem(uri, options)
+    parent = posixpath.dirname(strip_scheme(uri).rstrip("/"))
+    probe = f"{parent}/.embedjob-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        if not is_s3(uri):
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(probe) as handle:
+            handle.write(b"probe")
+        fs.delete_file(probe)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot write to the location of {uri!r}"
+            f"{' at ' + _endpoint_hint(options) if is_s3(uri) else ''}: {exc}"
+        ) from exc
+
+
+def file_sizes(uris: list[str], options: Mapping[str, str]) -> dict[str, int]:
+    """Size in bytes of each file."""
+    fs = pyarrow_filesystem(uris[0], options)
+    infos = fs.get_file_info([strip_scheme(u) for u in uris])
+    return {u: int(i.size or 0) for u, i in zip(uris, infos, strict=True)}

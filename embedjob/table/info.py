@@ -1,0 +1,152 @@
+"""``embedjob info``: what an output table holds, read from Lance alone (no model, no Ray).
+
+Rows, versions, the stamp (model, task, dims), bytes on disk per column, fragments, indices,
+the rejected table's row count and the last run's summary (table metadata key
+``embedjob.last_run``, a JSON string).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from embedjob import storage
+from embedjob.config import EmbedConfig
+from embedjob.driver.progress import (
+    LAST_RUN_KEY,  # table metadata (LanceDataset.metadata), JSON string
+)
+from embedjob.table.search import open_table, vector_columns
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TableInfo:
+    """A summary of one output table.
+
+    Attributes:
+        uri: The table.
+        rows: Rows in the latest version.
+        version: The latest version number.
+        versions: How many versions are kept.
+        fragments: Fragments in the latest version.
+        stamp: The ``embedjob.*`` schema metadata (prefix stripped).
+        vector_columns: Vector column -> dim.
+        column_bytes: Column -> bytes on disk.
+        bytes_per_row: Vector column -> bytes one row of it takes (dim x element size).
+        indices: Index name -> ``{"type", "columns"}``.
+        rejected_uri: The rejected table next to it.
+        rejected_rows: Rows in the rejected table; None when there is none.
+        last_run: The last run's summary; None when the table carries none.
+    """
+
+    uri: str
+    rows: int
+    version: int
+    versions: int
+    fragments: int
+    stamp: dict[str, str]
+    vector_columns: dict[str, int]
+    column_bytes: dict[str, int]
+    bytes_per_row: dict[str, int]
+    indices: dict[str, dict[str, Any]]
+    rejected_uri: str
+    rejected_rows: int | None
+    last_run: dict[str, Any] | None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+
+def table_info(uri: str, storage_options: Mapping[str, str] | None = None,
+               rejected_uri: str | None = None) -> TableInfo:
+    """Read a table's summary.
+
+    Args:
+        uri: The output table, local or ``s3://``.
+        storage_options: ``--storage-option`` overrides over the AWS environment.
+        rejected_uri: The rejected table; default ``<output>.rejected.lance`` as the job names it.
+    """
+    dataset = open_table(uri, storage_options)
+    schema = dataset.schema
+    stamp = {k.decode().removeprefix("embedjob."): v.decode()
+             for k, v in (schema.metadata or {}).items() if k.startswith(b"embedjob.")}
+    vectors = vector_columns(schema)
+    width = 2 if stamp.get("vector_dtype") == "float16" else 4
+    rejected = rejected_uri or EmbedConfig(input="-", output=uri).rejected_uri
+    return TableInfo(
+        uri=uri, rows=dataset.count_rows(), version=dataset.version,
+        versions=len(dataset.versions()), fragments=len(dataset.get_fragments()), stamp=stamp,
+        vector_columns=vectors, column_bytes=_column_bytes(dataset),
+        bytes_per_row={c: d * width for c, d in vectors.items()},
+        indices=_indices(dataset), rejected_uri=rejected,
+        rejected_rows=_rejected_rows(rejected, storage_options),
+        last_run=_last_run(dataset),
+    )
+
+
+def _column_bytes(dataset: Any) -> dict[str, int]:
+    """Top-level column -> bytes on disk (Lance's per-field data statistics)."""
+    names = {field.id(): field.name() for field in dataset.lance_schema.fields()}
+    stats = dataset.stats.data_stats().fields
+    return {names[s.id]: s.bytes_on_disk for s in stats if s.id in names}
+
+
+def _indices(dataset: Any) -> dict[str, dict[str, Any]]:
+    found = {}
+    for index in dataset.describe_indices():
+        found[index.name] = {"type": index.index_type, "columns": list(index.field_names)}
+    return found
+
+
+def _rejected_rows(uri: str, storage_options: Mapping[str, str] | None) -> int | None:
+    options = storage.resolve_storage_options(storage_options)
+    if not storage.lance_exists(uri, options):
+        return None
+    return open_table(uri, storage_options).count_rows()
+
+
+def _last_run(dataset: Any) -> dict[str, Any] | None:
+    raw = dataset.metadata.get(LAST_RUN_KEY)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        logger.warning("table metadata %s is not JSON: %.200s", LAST_RUN_KEY, raw)
+        return {"raw": raw}
+
+
+def format_info(info: TableInfo) -> str:
+    """The human-readable ``embedjob info`` report."""
+    stamp = info.stamp
+    lines = [
+        f"table      {info.uri}",
+        f"rows       {info.rows}",
+        f"version    {info.version} ({info.versions} versions kept)",
+        f"fragments  {info.fragments}",
+        f"model      {stamp.get('model_source', '?')} "
+        f"(weights {stamp.get('weights_hash', '?')[:16]})",
+        f"task       {stamp.get('task') or '(none)'}"
+        + (f", instruction {stamp['instruction']!r}" if stamp.get("instruction") else ""),
+        f"dims       {stamp.get('dims', '?')} as {stamp.get('vector_dtype', '?')}",
+        f"created    {stamp.get('created_at', '?')} by embedjob {stamp.get('version', '?')}",
+        f"rejected   {_rejected_line(info)}",
+        "columns    bytes on disk" + ("" if info.rows else " (empty table)"),
+    ]
+    for name, size in info.column_bytes.items():
+        per_row = f", {info.bytes_per_row[name]} B/row" if name in info.bytes_per_row else ""
+        lines.append(f"  {name:<14} {size:>14,d}{per_row}")
+    for name, index in info.indices.items():
+        lines.append(f"index      {name}: {index['type']} on {index['columns']}")
+    lines.append("last run   " + (json.dumps(info.last_run) if info.last_run else "(not stored)"))
+    return "\n".join(lines)
+
+
+def _rejected_line(info: TableInfo) -> str:
+    if info.rejected_rows is None:
+        return f"(no table at {info.rejected_uri})"
+    return f"{info.rejected_rows} rows in {info.rejected_uri}"

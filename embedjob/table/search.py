@@ -1,0 +1,341 @@
+"""Reading side: build a vector index on an output table and search it with a text query.
+
+The table's schema metadata (the stamp written by ``embedjob.driver.preflight._stamp``) says which model,
+task and dims made the vectors. A query is embedded with the same weights and the task that
+pairs with the table's (a ``retrieval.passage`` table is queried with ``retrieval.query``),
+truncated to the searched column's dim, then searched with Lance: through the column's vector
+index when one exists, flat (exact) otherwise. A query model whose weights or dims do not
+match the stamp is refused before any search.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from embedjob import storage
+from embedjob.errors import ConfigError, StorageError
+
+logger = logging.getLogger(__name__)
+
+# Table task (the stamp's embedjob.task) -> task used to embed queries against it.
+# '' is a table made without an adapter (generic encoders): queries get none either.
+QUERY_TASKS: dict[str, str | None] = {
+    "retrieval.passage": "retrieval.query",
+    "retrieval.query": "retrieval.query",
+    "text-matching": "text-matching",
+    "separation": "separation",
+    "classification": "classification",
+    "": None,
+}
+INDEX_TYPES: tuple[str, ...] = ("IVF_PQ", "IVF_HNSW_SQ")
+IndexType = Literal["IVF_PQ", "IVF_HNSW_SQ"]
+METRIC = "cosine"  # the stored vectors are L2-normalized: cosine distance = 1 - dot
+# IVF_PQ trains 2^8 = 256 centroids per sub-vector codebook: fewer rows cannot train it,
+# and below this size a flat scan is exact and takes milliseconds anyway. Lance also trains
+# at most rows/256 IVF partitions (pylance 14 warns "training 19 of the 71 requested IVF
+# partitions" on 5,000 rows), so the default partitions are capped the same way.
+MIN_INDEX_ROWS = 256
+ROWS_PER_PARTITION_MIN = 256
+MAX_PARTITIONS = 4096
+DISTANCE_COLUMN = "_distance"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stamp:
+    """What made a table's vectors, read back from its schema metadata.
+
+    Attributes:
+        model_source: The model as given to the job (local dir, ``s3://`` prefix, hub id).
+        weights_hash: ``ModelSpec.fingerprint`` of those weights.
+        task: The table's task; '' when embedded without an adapter.
+        instruction: The prefix the table's texts were embedded with.
+        dims: Every stored dim, the full one first.
+        vector_dtype: ``float32`` or ``float16``.
+    """
+
+    model_source: str
+    weights_hash: str
+    task: str
+    instruction: str
+    dims: tuple[int, ...]
+    vector_dtype: str
+
+    @property
+    def query_task(self) -> str | None:
+        """The task queries against this table are embedded with."""
+        if self.task not in QUERY_TASKS:
+            raise ConfigError(
+                f"table task {self.task!r} has no query pairing; known: {sorted(QUERY_TASKS)}"
+            )
+        return QUERY_TASKS[self.task]
+
+
+def read_stamp(schema: pa.Schema) -> Stamp:
+    """Parse the ``embedjob.*`` schema metadata of an output table.
+
+    Raises:
+        ConfigError: The table carries no embedjob stamp (not written by ``embedjob embed``).
+    """
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    missing = [k for k in ("model_source", "weights_hash", "task", "dims")
+               if f"embedjob.{k}" not in meta]
+    if missing:
+        raise ConfigError(
+            f"table has no embedjob stamp (missing {['embedjob.' + k for k in missing]}); "
+            "was it written by 'embedjob embed'?"
+        )
+    return Stamp(
+        model_source=meta["embedjob.model_source"], weights_hash=meta["embedjob.weights_hash"],
+        task=meta["embedjob.task"], instruction=meta.get("embedjob.instruction", ""),
+        dims=tuple(json.loads(meta["embedjob.dims"])),
+        vector_dtype=meta.get("embedjob.vector_dtype", "float32"),
+    )
+
+
+def vector_columns(schema: pa.Schema) -> dict[str, int]:
+    """Vector column name -> dim, for ``vector`` and every ``vector_<d>``."""
+    return {
+        f.name: f.type.list_size for f in schema
+        if (f.name == "vector" or f.name.startswith("vector_"))
+        and pa.types.is_fixed_size_list(f.type)
+    }
+
+
+def column_dim(schema: pa.Schema, column: str) -> int:
+    """The dim of vector ``column``, refusing names that are not vector columns."""
+    columns = vector_columns(schema)
+    if column not in columns:
+        raise ConfigError(f"column {column!r} not in the table's vector columns {list(columns)}")
+    return columns[column]
+
+
+def open_table(uri: str, storage_options: Mapping[str, str] | None = None,
+               version: int | None = None):
+    """``lance.dataset`` with the job's storage options (AWS env + overrides)."""
+    import lance
+
+    options = storage.lance_options(storage.resolve_storage_options(storage_options))
+    try:
+        return lance.dataset(uri, version=version, storage_options=options)
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"cannot open Lance table {uri!r}: {exc}") from exc
+
+
+def check_query_model(spec: Any, stamp: Stamp, dim: int) -> None:
+    """Refuse a query model that did not make the table's vectors, or lacks ``dim``.
+
+    Args:
+        spec: The query model's ``ModelSpec``.
+        stamp: The table's stamp.
+        dim: The searched column's dim.
+
+    Raises:
+        ConfigError: Naming both values: weights hash, or dim vs stamp / model dims.
+    """
+    if spec.fingerprint != stamp.weights_hash:
+        raise ConfigError(
+            f"query model {spec.source!r} has weights hash {spec.fingerprint[:16]}..., the "
+            f"table was embedded by {stamp.model_source!r} with weights hash "
+            f"{stamp.weights_hash[:16]}...; its vectors are not comparable"
+        )
+    if dim not in stamp.dims:
+        raise ConfigError(f"dim {dim} not in the table's stamped dims {list(stamp.dims)}")
+    if dim not in spec.matryoshka_dims:
+        raise ConfigError(
+            f"dim {dim} not in query model {spec.source!r} matryoshka dims "
+            f"{list(spec.matryoshka_dims)}"
+        )
+
+
+def embed_queries(embedder: Any, stamp: Stamp, texts: Sequence[str], dim: int) -> np.ndarray:
+    """Query vectors for a table: paired task, matching weights, truncated to ``dim``.
+
+    Returns:
+        float32 [n, dim], L2-normalized (``matryoshka`` of the full vector).
+    """
+    check_query_model(embedder.spec, stamp, dim)
+    task = stamp.query_task
+    if task is not None and task not in embedder.tasks:
+        raise ConfigError(f"query task {task!r} not in the model's tasks {list(embedder.tasks)}")
+    full = dim == embedder.hidden_size
+    return embedder.encode(list(texts), task=task, dim=None if full else dim)
+
+
+def load_query_embedder(stamp: Stamp, model: str | None = None,
+                        storage_options: Mapping[str, str] | None = None):
+    """Load the query model (the stamp's source unless ``model`` overrides it)."""
+    from embedjob.model import load_embedder
+
+    source = model or stamp.model_source
+    filesystem = None
+    if storage.is_s3(source):
+        filesystem = storage.s3fs_filesystem(storage.resolve_storage_options(storage_options))
+    return load_embedder(source, filesystem=filesystem)
+
+
+def search_vector(dataset: Any, column: str, vector: np.ndarray, *, k: int = 10,
+                  columns: Sequence[str] = (), nprobes: int | None = None,
+                  refine_factor: int | None = None) -> pa.Table:
+    """Nearest rows of ``column`` to ``vector`` (cosine): index if present, flat otherwise.
+
+    Returns:
+        Table ``id, score, *columns`` ordered by descending ``score = 1 - cosine distance``.
+    """
+    if k < 1:
+        raise ConfigError(f"k {k} is not allowed; expected an integer >= 1")
+    value_type = dataset.schema.field(column).type.value_type
+    query = np.asarray(vector, dtype=value_type.to_pandas_dtype())  # float16 columns too
+    nearest: dict[str, Any] = {"column": column, "q": query, "k": k, "metric": METRIC}
+    if nprobes is not None:
+        nearest["nprobes"] = nprobes
+    if refine_factor is not None:
+        nearest["refine_factor"] = refine_factor
+    wanted = ["id", *[c for c in columns if c != "id"]]
+    found = dataset.to_table(nearest=nearest, columns=[*wanted, DISTANCE_COLUMN])
+    score = pa.array(1.0 - found.column(DISTANCE_COLUMN).to_numpy(), pa.float32())
+    return pa.table({"id": found.column("id"), "score": score,
+                     **{c: found.column(c) for c in wanted[1:]}})
+
+
+def search(uri: str, query: str, *, column: str = "vector", k: int = 10,
+           show: Sequence[str] = (), model: str | None = None,
+           storage_options: Mapping[str, str] | None = None, embedder: Any = None,
+           nprobes: int | None = None, refine_factor: int | None = 1) -> pa.Table:
+    """Embed ``query`` as the table's queries are meant to be embedded, and search ``column``.
+
+    Args:
+        uri: The output table, local or ``s3://``.
+        query: Raw query text (the paired task's instruction prefix is added).
+        column: ``vector`` or ``vector_<d>``.
+        k: Rows to return.
+        show: Extra columns to return beside ``id`` and ``score``.
+        model: Query model source; default the stamp's ``embedjob.model_source``.
+        storage_options: ``--storage-option`` overrides over the AWS environment.
+        embedder: An already loaded query model (skips loading; still checked).
+        nprobes: IVF partitions to probe (Lance's default when None).
+        refine_factor: Re-rank ``k * refine_factor`` index candidates with exact distances;
+            the default 1 makes the returned scores exact (PQ distances are approximate).
+
+    Returns:
+        Table ``id, score, *show``, best first.
+
+    Raises:
+        ConfigError: Unknown column or show column, or a query model not matching the stamp.
+    """
+    dataset = open_table(uri, storage_options)
+    stamp = read_stamp(dataset.schema)
+    dim = column_dim(dataset.schema, column)
+    unknown = [c for c in show if c not in dataset.schema.names]
+    if unknown:
+        raise ConfigError(f"show columns {unknown} not in the table's columns "
+                          f"{dataset.schema.names}")
+    if embedder is None:
+        spec = _query_spec(stamp, model, storage_options)
+        check_query_model(spec, stamp, dim)  # before loading any weights
+        embedder = load_query_embedder(stamp, model, storage_options)
+    vector = embed_queries(embedder, stamp, [query], dim)[0]
+    return search_vector(dataset, column, vector, k=k, columns=show, nprobes=nprobes,
+                         refine_factor=refine_factor)
+
+
+def _query_spec(stamp: Stamp, model: str | None, storage_options: Mapping[str, str] | None):
+    from embedjob.model import load_spec
+
+    source = model or stamp.model_source
+    filesystem = None
+    if storage.is_s3(source):
+        filesystem = storage.s3fs_filesystem(storage.resolve_storage_options(storage_options))
+    return load_spec(source, filesystem=filesystem)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexPlan:
+    """The parameters an index is built with (defaults derived from rows and dim)."""
+
+    column: str
+    index_type: str
+    metric: str
+    num_partitions: int
+    num_sub_vectors: int | None
+    rows: int
+    dim: int
+
+
+def index_defaults(rows: int, dim: int, index_type: str = "IVF_PQ",
+                   num_partitions: int | None = None,
+                   num_sub_vectors: int | None = None) -> tuple[int, int | None]:
+    """Default IVF partitions and PQ sub-vectors for a table of ``rows`` vectors of ``dim``.
+
+    Partitions: round(sqrt(rows)) (lance-ray's own default), at most rows/256 (what Lance
+    trains) and 4096. PQ sub-vectors: dim/16 when 16 divides dim,
+    else dim/8, dim/4, ... (Lance's SIMD path wants sub-vectors of 8 or 16 values).
+
+    Raises:
+        ConfigError: ``rows`` below MIN_INDEX_ROWS, an unknown index type, or
+            ``num_sub_vectors`` that does not divide ``dim``.
+    """
+    if index_type not in INDEX_TYPES:
+        raise ConfigError(f"index type {index_type!r} not in {list(INDEX_TYPES)}")
+    if rows < MIN_INDEX_ROWS:
+        raise ConfigError(
+            f"table has {rows} rows; a vector index needs at least {MIN_INDEX_ROWS} to train "
+            "(IVF centroids and 256-entry PQ codebooks); search without one is exact and fast "
+            "at this size"
+        )
+    cap = min(MAX_PARTITIONS, rows // ROWS_PER_PARTITION_MIN)
+    partitions = num_partitions or max(1, min(cap, round(math.sqrt(rows))))
+    if index_type != "IVF_PQ":
+        return partitions, None
+    if num_sub_vectors is None:
+        sub_dim = next(s for s in (16, 8, 4, 2, 1) if dim % s == 0)
+        num_sub_vectors = dim // sub_dim
+    if dim % num_sub_vectors:
+        raise ConfigError(f"num_sub_vectors {num_sub_vectors} must divide the column dim {dim}")
+    return partitions, num_sub_vectors
+
+
+def build_index(uri: str, *, column: str, index_type: str = "IVF_PQ",
+                num_partitions: int | None = None, num_sub_vectors: int | None = None,
+                storage_options: Mapping[str, str] | None = None) -> IndexPlan:
+    """Build (or replace) a cosine vector index on ``column`` of the table at ``uri``.
+
+    Returns:
+        The parameters used; the table gains a new version holding the index.
+    """
+    dataset = open_table(uri, storage_options)
+    dim = column_dim(dataset.schema, column)
+    rows = dataset.count_rows()
+    partitions, sub_vectors = index_defaults(rows, dim, index_type, num_partitions,
+                                             num_sub_vectors)
+    kwargs: dict[str, Any] = {"num_partitions": partitions}
+    if sub_vectors is not None:
+        kwargs["num_sub_vectors"] = sub_vectors
+    logger.info("building %s (%s) on %s of %s: %d rows, dim %d, %s", index_type, METRIC,
+                column, uri, rows, dim, kwargs)
+    dataset.create_index(column, index_type=index_type, metric=METRIC, replace=True,
+                         name=f"{column}_idx", **kwargs)
+    return IndexPlan(column=column, index_type=index_type, metric=METRIC,
+                     num_partitions=partitions, num_sub_vectors=sub_vectors, rows=rows, dim=dim)
+
+
+def format_results(table: pa.Table, max_chars: int = 100) -> str:
+    """One line per hit: rank, id, score, then the shown columns (long values cut)."""
+    lines = []
+    for rank, row in enumerate(table.to_pylist(), start=1):
+        extra = "  ".join(f"{k}={_cut(v, max_chars)}" for k, v in row.items()
+                          if k not in ("id", "score"))
+        lines.append(f"{rank:>3}  {row['id']}  {row['score']:.4f}  {extra}".rstrip())
+    return "\n".join(lines)
+
+
+def _cut(value: Any, max_chars: int) -> str:
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."

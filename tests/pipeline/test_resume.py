@@ -1,0 +1,185 @@
+"""Crash safety: a SIGKILLed driver resumes exactly once; a killed encode actor loses nothing.
+
+Real local Ray, real SeaweedFS S3, real Lance, the golden tiny checkpoint. The encode stage
+is slowed down (the ENCODE_DELAY_S fault hook, set cluster-wide) so that the kills land
+mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lance
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from embedjob.config import EmbedConfig
+from embedjob.driver.run import run
+from tests.faults import hooks as faults
+from tests.pipeline_helpers import real_rows, to_table, vectors_by_id, write_parts
+
+pytestmark = pytest.mark.pipeline
+FILES, ROWS_PER_FILE = 12, 8
+
+
+def _write_corpus(s3_server, prefix: str) -> list[dict]:
+    """FILES parquet files; the last row of each file has an empty text (rejected)."""
+    fs = s3_server.filesystem()
+    rows = []
+    for f in range(FILES):
+        part = real_rows(ROWS_PER_FILE, offset=f * ROWS_PER_FILE)
+        part[-1] = {**part[-1], "text": ""}
+        rows += part
+        with fs.open(f"{s3_server.bucket}/{prefix}/in/part-{f:02d}.parquet", "wb") as handle:
+            pq.write_table(to_table(part), handle)
+    return rows
+
+
+def _progress(uri: str, options: dict) -> dict | None:
+    try:
+        metadata = lance.dataset(uri, storage_options=options).metadata
+    except (OSError, ValueError):
+        return None
+    raw = metadata.get("embedjob.progress")
+    return json.loads(raw) if raw else None
+
+
+def _command(s3_server, prefix: str, golden_dir, summary: Path) -> list[str]:
+    return [str(Path(sys.executable).parent / "embedjob"), "embed",
+            "--input", s3_server.uri(prefix, "in/"), "--format", "parquet",
+            "--output", s3_server.uri(prefix, "out.lance"), "--model", str(golden_dir),
+            "--window-rows", "4", "--write-batch-rows", "4", "--commit-interval-s", "0.2",
+            "--lease-ttl-s", "6",
+            "--summary-json", str(summary)]
+
+
+def _check_exactly_once(s3_server, prefix: str, rows: list[dict], embedder) -> None:
+    options = s3_server.storage_options
+    table = lance.dataset(s3_server.uri(prefix, "out.lance"), storage_options=options).to_table()
+    ids = table.column("id").to_pylist()
+    valid = [r for r in rows if r["text"]]
+    assert sorted(ids) == sorted(r["id"] for r in valid)  # every valid id exactly once
+    rejected = lance.dataset(s3_server.uri(prefix, "out.rejected.lance"),
+                             storage_options=options).to_table()
+    assert sorted(map(int, rejected.column("id").to_pylist())) == sorted(
+        r["id"] for r in rows if not r["text"])
+    got = vectors_by_id(table)
+    for r in valid[::7]:
+        expected = embedder.encode([r["text"]], task="retrieval.passage")[0]
+        assert np.abs(got[r["id"]] - expected).max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def embedder(golden_dir):
+    from embedjob.model import load_embedder
+
+    return load_embedder(str(golden_dir))
+
+
+def test_sigkill_driver_after_a_commit_then_rerun_resumes_exactly_once(
+    s3_server, s3_prefix, ray_session, golden_dir, embedder, tmp_path
+):
+    rows = _write_corpus(s3_server, s3_prefix)
+    out = s3_server.uri(s3_prefix, "out.lance")
+    env = os.environ | s3_server.env | {
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+    }
+    summary = tmp_path / "summary.json"
+    command = _command(s3_server, s3_prefix, golden_dir, summary)
+    with faults.injected(faults.ENCODE_DELAY_S, "0.3"):
+        first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        progress = None
+        while time.monotonic() < deadline and first.poll() is None:
+            progress = _progress(out, s3_server.storage_options)
+            if progress and progress["done"]:
+                break
+            time.sleep(0.1)
+        assert progress and progress["done"], "no commit recorded a finished unit in time"
+        time.sleep(random.Random().uniform(0, 0.6))  # a random point after that commit
+        assert first.poll() is None, "the first run ended before it could be killed"
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    killed_at = _progress(out, s3_server.storage_options)
+    assert not killed_at["complete"]
+    done_before = len(killed_at["done"])
+
+    # the dead run's lease still stands: a rerun now is refused, naming when it expires
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert "is being written by another run" in refused.stderr
+    lease = json.loads(s3_server.filesystem().cat(f"{s3_server.bucket}/{s3_prefix}/out.lease.json"))
+    time.sleep(max(0.0, lease["expires_at"] - time.time()) + 0.5)
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    result = json.loads(summary.read_text())
+    assert result["resumed_units_done"] == done_before >= 1
+    # committed work was not redone: only the unfinished files were read again
+    assert result["rows_read"] == (FILES - done_before) * ROWS_PER_FILE
+    assert _progress(out, s3_server.storage_options)["complete"]
+    _check_exactly_once(s3_server, s3_prefix, rows, embedder)
+
+
+def test_killed_encode_actor_is_restarted_and_nothing_is_lost(
+    s3_server, s3_prefix, ray_session, golden_dir, embedder
+):
+    rows = _write_corpus(s3_server, s3_prefix)
+    config = EmbedConfig(input=s3_server.uri(s3_prefix, "in/"), format="parquet",
+                         output=s3_server.uri(s3_prefix, "out.lance"), model=str(golden_dir),
+                         window_rows=4, write_batch_rows=4,
+                         storage_options=s3_server.storage_options)
+    killed = threading.Event()
+    threading.Thread(target=_kill_an_encode_actor, args=(killed,), daemon=True).start()
+    with faults.injected(faults.ENCODE_DELAY_S, "0.3"):
+        summary = run(config)
+    assert killed.is_set(), "no encode actor was found alive to kill"
+    assert summary.rows_embedded == len([r for r in rows if r["text"]])
+    _check_exactly_once(s3_server, s3_prefix, rows, embedder)
+
+
+def _kill_an_encode_actor(killed: threading.Event) -> None:
+    """SIGKILL the first live encode actor of this session's cluster (GCS actor table)."""
+    from ray._private.state import state
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        actors = state.actor_table(None).values()
+        pids = [a["Pid"] for a in actors if a["State"] == "ALIVE" and a.get("Pid")
+                and "EncodeActor" in a["ActorClassName"]]
+        if pids:
+            time.sleep(1.0)  # let it take a few calls first
+            os.kill(pids[0], signal.SIGKILL)
+            killed.set()
+            return
+        time.sleep(0.2)
+
+
+def test_rerun_of_an_interrupted_run_whose_input_changed_is_refused(
+    ray_session, golden_dir, tmp_path
+):
+    from embedjob.driver.progress import PROGRESS_KEY, ProgressRecord
+    from embedjob.errors import InputError
+
+    corpus = tmp_path / "corpus"
+    write_parts(corpus, files=2, rows_per_file=5)
+    config = EmbedConfig(input=str(corpus), format="parquet", output=str(tmp_path / "o.lance"),
+                         model=str(golden_dir))
+    run(config)
+    dataset = lance.dataset(config.output)
+    record = ProgressRecord.from_metadata(dataset.metadata)
+    # as if the run had died after its last commit, before marking itself complete
+    dataset.update_metadata({PROGRESS_KEY: ProgressRecord(
+        run_key=record.run_key, done=record.done, complete=False).to_json()})
+    pq.write_table(to_table(real_rows(6, offset=100)), corpus / "p0.parquet")
+    with pytest.raises(InputError, match=r"input changed since the interrupted run .*p0.parquet"):
+        run(config)

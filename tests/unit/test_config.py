@@ -1,0 +1,75 @@
+"""Config validation: bad values name themselves and what is allowed."""
+
+import pytest
+
+from embedjob.cli import embed_config, main
+from embedjob.config import EmbedConfig
+from embedjob.errors import ConfigError
+from embedjob.storage import redacted, resolve_storage_options
+
+pytestmark = pytest.mark.unit
+
+
+def test_unknown_keys_are_rejected_with_the_allowed_list():
+    with pytest.raises(ConfigError, match=r"unknown config keys \['max_tokens'\]; allowed: .*"
+                                          r"'max_tokens_per_batch'"):
+        EmbedConfig.from_mapping({"input": "a.parquet", "output": "o.lance", "max_tokens": 5})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("mode", "replace", r"mode 'replace' is not allowed; expected \['create', 'overwrite'"),
+        ("vector_dtype", "int8", r"vector_dtype 'int8' .* \['float32', 'float16'\]"),
+        ("format", "xml", r"format 'xml' .* \['parquet', 'jsonl', 'csv', 'lance'\]"),
+        ("max_tokens_per_batch", 0, r"max_tokens_per_batch 0 .* an integer >= 1"),
+        ("gpus_per_actor", -1, r"gpus_per_actor -1 .* >= 0"),
+        ("dims", "64,64", r"dims \(64, 64\) .* distinct"),
+        ("keep_columns", "vector", r"keep_columns \['vector'\]"),
+    ],
+)
+def test_bad_values_name_value_and_allowed(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        EmbedConfig.from_mapping({"input": "a.parquet", "output": "o.lance", key: value})
+
+
+def test_yaml_config_and_flags_merge(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "input: in.jsonl\noutput: out.lance\ndims: [64, 16]\nmax-tokens-per-batch: 99\n"
+    )
+    import argparse
+
+    args = argparse.Namespace(command="embed", config=str(path), max_tokens_per_batch=123,
+                              storage_option=["aws_region=eu-west-1"])
+    cfg = embed_config(args)
+    assert (cfg.input, cfg.output, cfg.dims, cfg.max_tokens_per_batch) == (
+        "in.jsonl", "out.lance", (64, 16), 123)
+    assert cfg.input_format == "jsonl"
+    assert cfg.storage_options == {"aws_region": "eu-west-1"}
+    assert cfg.rejected_uri == "out.rejected.lance"
+
+
+def test_yaml_unknown_key_fails_in_cli(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text("input: a.parquet\noutput: o.lance\nbatch: 3\n")
+    assert main(["embed", "--config", str(path)]) == 2
+    assert "unknown config keys ['batch']; allowed:" in capsys.readouterr().err
+
+
+def test_format_cannot_be_inferred():
+    cfg = EmbedConfig(input="data/corpus.txt", output="o.lance")
+    with pytest.raises(ConfigError, match=r"cannot infer the format of input 'data/corpus.txt'"):
+        _ = cfg.input_format
+
+
+def test_secrets_are_not_in_repr_or_redacted_options(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    options = resolve_storage_options({"aws_region": "x"})
+    assert options["allow_http"] == "true" and options["aws_region"] == "x"
+    shown = str(redacted(options))
+    assert "s3cr3t-value" not in shown and "AKIAEXAMPLE" not in shown
+    cfg = EmbedConfig(input="a.parquet", output="o.lance", storage_options=options)
+    assert "s3cr3t-value" not in repr(cfg)
