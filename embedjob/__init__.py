@@ -23,7 +23,7 @@ _EXPORTS = {
     "load_embedder": "embedjob.model",
     "Summary": "embedjob.driver.run",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["EmbedConfig", "Summary", "load_embedder", "refresh", "run"]
 
 if TYPE_CHECKING:
     from embedjob.config import EmbedConfig

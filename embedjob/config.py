@@ -1,8 +1,12 @@
-"""The embed job's configuration: one frozen, keyword-only dataclass, each knob defined once.
+"""Every knob, defined once: frozen, keyword-only dataclasses whose fields carry their help.
 
-The CLI, ``--config job.yaml`` and the Python API all build an :class:`EmbedConfig`.
-Everything that can be checked without touching storage or the model is checked in
-``__post_init__``; the rest is checked by ``embedjob.driver.preflight`` before any model loads.
+The CLI (``embedjob.cli``) generates its flags, help texts and defaults from these fields'
+metadata (see :func:`knob`); ``--config job.yaml`` and the Python API build the same
+objects. Everything that can be checked without touching storage or the model is checked in
+``__post_init__``; the rest is checked by ``driver.preflight`` before any model loads.
+
+This module imports nothing heavy (no Ray, torch or Lance), so a bad flag fails in well
+under a second.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from embedjob import schema as S
 from embedjob.errors import ConfigError
 
 Format = Literal["parquet", "jsonl", "csv", "lance"]
 FORMATS: tuple[str, ...] = ("parquet", "jsonl", "csv", "lance")
 MODES: tuple[str, ...] = ("create", "overwrite", "append")
-VECTOR_DTYPES: tuple[str, ...] = ("float32", "float16")
+VECTOR_DTYPES = S.VECTOR_DTYPES
 # file suffix -> format, for inference when --format is omitted
 SUFFIX_FORMATS: dict[str, str] = {
     ".parquet": "parquet",
@@ -31,108 +36,144 @@ SUFFIX_FORMATS: dict[str, str] = {
 }
 DEFAULT_MODEL = "jinaai/jina-embeddings-v3"
 
+EMBED, REFRESH, PLAN = "embed", "refresh", "plan"
+RUNS = (EMBED, REFRESH)  # options of both kinds of run
+ALL = (EMBED, REFRESH, PLAN)
+
+
+def knob(default: Any = dataclasses.MISSING, *, help: str,
+         commands: tuple[str, ...] | None = None, default_factory: Any = dataclasses.MISSING,
+         flag: str | None = None, metavar: str | None = None, positional: bool = False,
+         repr: bool = True) -> Any:
+    """A config field with what the CLI needs to offer it.
+
+    Args:
+        default: The default (omit for a required field).
+        help: One line for ``--help`` (the default is appended by the CLI).
+        commands: Subcommands that offer it (None: every subcommand of its dataclass).
+        default_factory: For mutable defaults.
+        flag: The flag, when not ``--`` + the field name with dashes.
+        metavar: How ``--help`` names the value.
+        positional: A positional argument instead of a flag.
+        repr: Shown in ``repr`` (False for fields holding secrets).
+    """
+    metadata = {"help": help, "commands": commands, "flag": flag, "metavar": metavar,
+                "positional": positional}
+    return field(default=default, default_factory=default_factory, metadata=metadata,
+                 repr=repr)
+
 
 @dataclass(frozen=True, kw_only=True)
 class EmbedConfig:
-    """Everything one ``embedjob embed`` run needs.
+    """Everything one ``embedjob embed`` (or ``refresh``) run needs. The fields' help texts
+    say what each knob does; README's Options table lists them."""
 
-    Attributes:
-        input: A file, a directory/prefix or a glob; local or ``s3://``.
-        output: The Lance dataset to write; local or ``s3://``.
-        model: Anything ``model.load_embedder`` accepts (local dir, ``s3://`` prefix, hub id).
-        format: Input format; inferred from the input's extension when None.
-        task: The model's task (adapter); None means the model's default
-            (``retrieval.passage`` for jina-v3, no adapter for generic encoders).
-        dims: Dims to store. The full dim is always stored as ``vector``; every other
-            dim d as ``vector_<d>``. Empty means only the full dim.
-        id_column: Input column with the row id (kept with its type).
-        text_column: Input column with the text to embed.
-        keep_columns: Input columns carried through to the output.
-        max_tokens_per_batch: Token budget per forward: padded cost is rows x longest row,
-            packed cost the sum of lengths. 16384 keeps a 24-layer 1024-wide model's
-            activations well inside a 24 GB GPU at bf16.
-        window_rows: Rows sorted together by length before cutting batches. Bigger windows
-            pad less but hold more rows in memory per bucket task.
-        batch_overhead_tokens: What one more forward costs, in tokens, when batches are cut
-            (see embedjob.stages.batching). None: 0 on CPU actors (a CPU forward costs what its tokens
-            cost), max_tokens_per_batch // 16 on GPU actors (launch overhead).
-        num_actors: Encode actors (one per GPU, or CPU actors when gpus_per_actor is 0).
-        gpus_per_actor: GPUs per encode actor; fractional allowed; 0 means CPU actors.
-        cpus_per_actor: CPUs reserved per encode actor (its torch threads on CPU actors:
-            at least 1). 0.5 lets a 2-core machine run the CPU stages beside one actor.
-        cpus_per_task: CPUs reserved per read/tokenize/bucket/write task.
-        actor_prefetch: Blocks queued on each encode actor (Ray's
-            ``max_tasks_in_flight_per_actor``): the next block's transfer to the actor
-            overlaps the current block's forwards, so the encoder never waits on the object
-            store between blocks.
-        tokenize_tasks: Most tokenize tasks at once; None lets Ray Data run as many as
-            CPUs allow. ``embedjob plan`` measures the tokenizer on a sample of the input and
-            prints how many tasks keep the encode actors fed.
-        read_memory_bytes: Memory reserved per read task (one input file at a time, in
-            8192-row batches; a Parquet row group is decoded whole, so 512 MiB leaves room
-            for row groups of a few hundred MB).
-        packed: Concatenate each batch's sequences into one row that attends per sequence
-            (varlen: PyTorch's fused kernel on CUDA in bf16/fp16, SDPA per sequence length
-            elsewhere; a block-diagonal mask for generic models) instead of padding: no
-            padding, and batches cut by the sum of lengths.
-        vector_dtype: Stored vector element type.
-        compile: ``torch.compile`` the encoder (dynamic shapes, compiled by each actor on its
-            first forwards); see BENCHMARKS.md for when it pays.
-        mode: ``create`` refuses an existing output, ``overwrite`` replaces it, ``append``
-            adds to it.
-        summary_json: Where to write the run summary as JSON (local path); None: beside
-            nothing (the summary line is always logged).
-        rejected_output: Lance table for rejected rows; None means ``<output>.rejected.lance``
-            next to the output (``.lance`` suffix of the output replaced).
-        fail_fast: Stop at the first unreadable input file or broken line instead of
-            recording it as a rejected row.
-        storage_options: ``--storage-option`` pairs (Lance keys), merged over the AWS env.
-        tokenize_batch_rows: Rows per tokenizer call on the CPU stage.
-        write_batch_rows: Rows per written Lance fragment (at most); 32768 rows of
-            1024-d float32 vectors is a 128 MiB block.
-        commit_interval_s: Seconds between commits of what has been written so far.
-        retain_days: After a refresh, drop table versions older than this many days
-            (None keeps every version); ``embedjob compact`` takes the same.
-        lease_ttl_s: Lifetime of the output's lease (renewed every third of it while the
-            run lives): how long a crashed run blocks a rerun.
-        ray_address: Ray cluster to join; None uses ``RAY_ADDRESS`` or starts a local one.
-    """
-
-    input: str
-    output: str
-    model: str = DEFAULT_MODEL
-    format: Format | None = None
-    task: str | None = None
-    dims: tuple[int, ...] = ()
-    id_column: str = "id"
-    text_column: str = "text"
-    keep_columns: tuple[str, ...] = ()
-    max_tokens_per_batch: int = 16384
-    window_rows: int = 16384
-    batch_overhead_tokens: int | None = None
-    num_actors: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 0.5
-    cpus_per_task: float = 0.5
-    actor_prefetch: int = 2
-    tokenize_tasks: int | None = None
-    read_memory_bytes: int = 512 * 1024 * 1024
-    packed: bool = False
-    vector_dtype: Literal["float32", "float16"] = "float32"
-    compile: bool = False
-    mode: Literal["create", "overwrite", "append"] = "create"
-    summary_json: str | None = None
-    rejected_output: str | None = None
-    fail_fast: bool = False
-    storage_options: Mapping[str, str] = field(default_factory=dict, repr=False)
-    tokenize_batch_rows: int = 1024
-    write_batch_rows: int = 32768
-    commit_interval_s: float = 600.0
-    lease_ttl_s: float = 120.0
-    retain_days: float | None = None
-    ray_address: str | None = None
+    input: str = knob(help="a file, a directory/prefix or a glob; local or s3://",
+                      commands=ALL)
+    output: str = knob(help="the Lance dataset to write; local or s3://", commands=RUNS)
+    model: str = knob(DEFAULT_MODEL, help="hub id, local directory or s3:// prefix",
+                      commands=ALL)
+    format: Format | None = knob(None, help="input format (default: from the extension)",
+                                 commands=ALL)
+    task: str | None = knob(
+        None, commands=ALL,
+        help="the model's task (adapter + instruction prefix); default: retrieval.passage "
+             "for jina-v3, none for other models")
+    dims: tuple[int, ...] = knob(
+        (), commands=ALL, metavar="D,D,...",
+        help="dims to store, e.g. 1024,256,64: the full dim is always stored as `vector`, "
+             "every other dim d as `vector_<d>`; each must be a Matryoshka dim of the model")
+    id_column: str = knob("id", help="input column with the row id (kept with its type)",
+                          commands=ALL)
+    text_column: str = knob("text", help="input column with the text to embed", commands=ALL)
+    keep_columns: tuple[str, ...] = knob(
+        (), commands=ALL, metavar="C,C,...",
+        help="input columns carried through to the output")
+    max_tokens_per_batch: int = knob(
+        16384, commands=RUNS,
+        help="token budget per forward: padded cost is rows x longest row, packed cost the "
+             "sum of lengths; 16384 keeps a 24-layer 1024-wide model's activations well inside "
+             "a 24 GB GPU at bf16")
+    window_rows: int = knob(
+        16384, commands=RUNS,
+        help="rows sorted together by length before batches are cut: bigger windows pad less "
+             "but hold more rows in memory per bucket task")
+    batch_overhead_tokens: int | None = knob(
+        None, commands=RUNS,
+        help="what one more forward costs, in tokens, when batches are cut (stages.batching); "
+             "default 0 on CPU actors, max-tokens-per-batch/16 on GPU actors (launch overhead)")
+    num_actors: int = knob(1, commands=ALL,
+                           help="encode actors (one per GPU, or CPU actors with 0 GPUs)")
+    gpus_per_actor: float = knob(0.0, commands=RUNS,
+                                 help="GPUs per encode actor, fractional allowed; 0 = CPU actors")
+    cpus_per_actor: float = knob(
+        0.5, commands=RUNS,
+        help="CPUs reserved per encode actor (its torch threads on CPU actors: at least 1); "
+             "0.5 lets a 2-core machine run the CPU stages beside one actor")
+    cpus_per_task: float = knob(0.5, commands=RUNS,
+                                help="CPUs reserved per read/tokenize/bucket/write task")
+    actor_prefetch: int = knob(
+        2, commands=RUNS,
+        help="blocks queued on each encode actor (Ray's max_tasks_in_flight_per_actor): the "
+             "next block's transfer overlaps the current block's forwards")
+    tokenize_tasks: int | None = knob(
+        None, commands=RUNS,
+        help="most tokenize tasks at once (default: as CPUs allow; `embedjob plan` measures "
+             "how many keep the encode actors fed)")
+    read_memory_bytes: int = knob(
+        512 * 1024 * 1024, commands=RUNS,
+        help="memory reserved per read task (one unit at a time in 8192-row batches; a Parquet "
+             "row group is decoded whole, so 512 MiB leaves room for row groups of a few "
+             "hundred MB)")
+    packed: bool = knob(
+        False, commands=RUNS,
+        help="pack each batch's sequences into one row that attends per sequence (varlen) "
+             "instead of padding; batches are cut by the sum of lengths")
+    vector_dtype: Literal["float32", "float16"] = knob("float32", commands=ALL,
+                                                       help="stored vector element type")
+    compile: bool = knob(False, commands=RUNS,
+                         help="torch.compile the encoder (see BENCHMARKS.md for when it pays)")
+    mode: Literal["create", "overwrite", "append"] = knob(
+        "create", commands=(EMBED,),
+        help="create refuses an existing output, overwrite replaces it, append adds to it")
+    summary_json: str | None = knob(None, commands=RUNS,
+                                    help="also write the run summary as JSON here (local path)")
+    rejected_output: str | None = knob(
+        None, commands=RUNS,
+        help="the rejected-rows table (default: <output>.rejected.lance beside the output)")
+    fail_fast: bool = knob(
+        False, commands=RUNS,
+        help="stop at the first unreadable input file or broken line instead of recording it "
+             "as a rejected row")
+    storage_options: Mapping[str, str] = knob(
+        commands=ALL, default_factory=dict, repr=False, flag="--storage-option",
+        metavar="KEY=VALUE",
+        help="Lance/object_store storage option (aws_endpoint, aws_region, allow_http, ...), "
+             "over the AWS environment variables; repeatable")
+    tokenize_batch_rows: int = knob(1024, commands=RUNS, help="rows per tokenizer call")
+    write_batch_rows: int = knob(
+        32768, commands=RUNS,
+        help="rows per written Lance fragment, at most (32768 rows of 1024-d float32 vectors "
+             "is a 128 MiB block)")
+    commit_interval_s: float = knob(600.0, commands=RUNS,
+                                    help="seconds between commits of what is written so far")
+    lease_ttl_s: float = knob(
+        120.0, commands=RUNS,
+        help="lifetime of the output's lease (renewed every third of it while the run lives): "
+             "how long a crashed run blocks a rerun")
+    retain_days: float | None = knob(
+        None, commands=(REFRESH,),
+        help="after the refresh, drop table versions older than this many days (default: "
+             "keep all)")
+    keep_deleted: bool = knob(False, commands=(REFRESH,),
+                              help="keep rows whose ids are gone from the corpus")
+    ray_address: str | None = knob(
+        None, commands=RUNS,
+        help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
 
     def __post_init__(self) -> None:
+        for name in ("dims", "keep_columns"):
+            object.__setattr__(self, name, as_tuple(name, getattr(self, name)))
         _require(bool(self.input), "input", self.input, "a file, directory, prefix or glob")
         _require(bool(self.output), "output", self.output, "a Lance dataset URI")
         _require(self.format is None or self.format in FORMATS, "format", self.format, FORMATS)
@@ -142,8 +183,8 @@ class EmbedConfig:
         for name in ("max_tokens_per_batch", "window_rows", "num_actors", "tokenize_batch_rows",
                      "write_batch_rows", "read_memory_bytes", "actor_prefetch"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
-        _require(self.tokenize_tasks is None or (isinstance(self.tokenize_tasks, int)
+            _require(_is_int(value) and value >= 1, name, value, "an integer >= 1")
+        _require(self.tokenize_tasks is None or (_is_int(self.tokenize_tasks)
                                                  and self.tokenize_tasks >= 1),
                  "tokenize_tasks", self.tokenize_tasks, "an integer >= 1 or None")
         _require(self.window_rows <= 1 << 20, "window_rows", self.window_rows, "<= 1048576")
@@ -151,14 +192,14 @@ class EmbedConfig:
         for name in ("cpus_per_actor", "cpus_per_task", "commit_interval_s", "lease_ttl_s"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "a number > 0")
         for dim in self.dims:
-            _require(isinstance(dim, int) and dim > 0, "dims", self.dims, "positive integers")
+            _require(_is_int(dim) and dim > 0, "dims", self.dims, "positive integers")
         _require(len(set(self.dims)) == len(self.dims), "dims", self.dims, "distinct values")
         _require(self.id_column != self.text_column, "id_column", self.id_column,
                  f"a column other than text_column {self.text_column!r}")
-        reserved = set(OUTPUT_COLUMNS) | {self.id_column}
-        clash = [c for c in self.keep_columns if c in reserved or c.startswith("vector_")]
+        reserved = set(S.OUTPUT_COLUMNS) | {self.id_column}
+        clash = [c for c in self.keep_columns if c in reserved or S.is_vector_column(c)]
         _require(not clash, "keep_columns", list(self.keep_columns),
-                 f"columns not named like output columns {sorted(OUTPUT_COLUMNS)}")
+                 f"columns not named like output columns {sorted(S.OUTPUT_COLUMNS)}")
 
     @property
     def input_format(self) -> str:
@@ -185,11 +226,8 @@ class EmbedConfig:
 
     @property
     def rejected_uri(self) -> str:
-        if self.rejected_output:
-            return self.rejected_output
-        base = self.output.rstrip("/")
-        base = base[: -len(".lance")] if base.endswith(".lance") else base
-        return base + ".rejected.lance"
+        """``rejected_output``, or ``<output>.rejected.lance`` beside the output."""
+        return self.rejected_output or S.sibling_uri(self.output, "rejected")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> EmbedConfig:
@@ -198,26 +236,38 @@ class EmbedConfig:
         Raises:
             ConfigError: on an unknown key, listing the allowed ones.
         """
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        normalized = {str(k).replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(normalized) - allowed)
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; allowed: {sorted(allowed)}")
-        for key in ("dims", "keep_columns"):
-            if key in normalized:
-                normalized[key] = _as_tuple(key, normalized[key])
-        return cls(**normalized)
+        return cls(**_known(cls, values))
 
 
-# Columns the job writes besides the id and the kept ones.
-OUTPUT_COLUMNS: tuple[str, ...] = (
-    "vector", "n_tokens", "truncated", "content_hash", "source_file", "source_row",
-)
+@dataclass(frozen=True, kw_only=True)
+class PlanOptions:
+    """``embedjob plan``'s own knobs (beside the EmbedConfig fields it reads)."""
+
+    sample_rows: int = knob(20000, help="rows sampled from the first input files")
+    tokens_per_s: float | None = knob(
+        None, help="encoder throughput for the GPU-hours estimate (default: the last "
+                   "`embedjob bench` on this machine)")
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.sample_rows) and self.sample_rows >= 1, "sample_rows",
+                 self.sample_rows, "an integer >= 1")
 
 
-def _as_tuple(key: str, value: Any) -> tuple:
+def _known(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with ``-`` keys normalized; unknown keys refused, naming the allowed ones."""
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    normalized = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(normalized) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}; allowed: {sorted(allowed)}")
+    return normalized
+
+
+def as_tuple(key: str, value: Any) -> tuple:
+    """A list field from a tuple, a list or a comma-separated string (the same rule for every
+    list field: ``dims="256,64"`` and ``keep_columns="a,b"`` both split)."""
     if isinstance(value, str):
-        items = [v.strip() for v in value.split(",") if v.strip()]
+        items: list[Any] = [v.strip() for v in value.split(",") if v.strip()]
     elif isinstance(value, list | tuple):
         items = list(value)
     else:
@@ -225,9 +275,13 @@ def _as_tuple(key: str, value: Any) -> tuple:
     if key == "dims":
         try:
             return tuple(int(v) for v in items)
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ConfigError(f"dims {value!r} must be integers, e.g. 1024,256,64") from exc
     return tuple(str(v) for v in items)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _require(ok: bool, name: str, value: Any, allowed: Any) -> None:
@@ -247,3 +301,69 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of option: value")
     return data
+
+
+# --- the read side and upkeep: one options class per subcommand --------------------------
+
+IndexType = Literal["IVF_PQ", "IVF_HNSW_SQ"]
+INDEX_TYPES: tuple[str, ...] = ("IVF_PQ", "IVF_HNSW_SQ")
+_STORAGE_HELP = ("Lance/object_store storage option, over the AWS environment variables; "
+                 "repeatable")
+
+
+def _storage_knob() -> Any:
+    return knob(default_factory=dict, repr=False, flag="--storage-option", metavar="KEY=VALUE",
+                help=_STORAGE_HELP)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompactOptions:
+    """``embedjob compact``: compact small fragments, drop old versions."""
+
+    output: str = knob(help="the Lance table, local or s3://", positional=True)
+    retain_days: float = knob(7.0, help="keep table versions newer than this many days")
+    target_rows_per_fragment: int = knob(1024 * 1024, help="rows per fragment after compaction")
+    storage_options: Mapping[str, str] = _storage_knob()
+
+
+@dataclass(frozen=True, kw_only=True)
+class InfoOptions:
+    """``embedjob info``: what an output table holds."""
+
+    output: str = knob(help="the output Lance table, local or s3://", positional=True)
+    json: bool = knob(False, help="print the info as JSON")
+    storage_options: Mapping[str, str] = _storage_knob()
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexOptions:
+    """``embedjob index``: a cosine vector index on one vector column."""
+
+    output: str = knob(help="the output Lance table, local or s3://", positional=True)
+    column: str = knob("vector", help="the vector column: vector or vector_<d>")
+    index_type: IndexType = knob("IVF_PQ", flag="--type", help="the index type")
+    num_partitions: int | None = knob(None, help="IVF partitions (default round(sqrt(rows)), "
+                                                 "at most rows/256)")
+    num_sub_vectors: int | None = knob(None, help="PQ sub-vectors (default dim/16, else dim/8, "
+                                                  "...)")
+    storage_options: Mapping[str, str] = _storage_knob()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchOptions:
+    """``embedjob search``: embed a query as the table's queries are meant to be embedded."""
+
+    output: str = knob(help="the output Lance table, local or s3://", positional=True)
+    query: str = knob(help="the query text", positional=True)
+    column: str = knob("vector", help="the vector column: vector or vector_<d>")
+    k: int = knob(10, flag="-k", help="rows to return")
+    show: tuple[str, ...] = knob((), metavar="C,C,...", help="columns to print beside id, score")
+    model: str | None = knob(None, help="query model (default: the table's stamped model)")
+    nprobes: int | None = knob(None, help="IVF partitions to probe (Lance's default)")
+    refine_factor: int = knob(1, help="re-rank k x this many index candidates exactly (1: the "
+                                      "scores are exact)")
+    storage_options: Mapping[str, str] = _storage_knob()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "show", as_tuple("show", self.show))
+        _require(_is_int(self.k) and self.k >= 1, "k", self.k, "an integer >= 1")

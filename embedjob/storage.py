@@ -1,19 +1,25 @@
-"""One set of storage options, applied the same way to every client that touches storage.
+"""One set of storage options, resolved once, applied the same way to every storage client.
 
 The canonical form is Lance's (object_store) keys. Values come from the standard AWS
-environment variables and are overridden by ``--storage-option KEY=VALUE``. pyarrow, s3fs
-and Lance each get their own spelling of the same settings. Secrets never reach a log line:
-use :func:`redacted` to show options.
+environment variables and are overridden by ``--storage-option KEY=VALUE``. A
+:class:`Storage` holds the resolved set (picklable: every stage gets it inside its spec) and
+builds pyarrow, s3fs and Lance clients from it, each in its own spelling and each with its
+own request-level retries (``CLIENT_RETRIES``). Secrets never reach a log line: the options
+are left out of ``repr`` and :meth:`Storage.redacted` masks them.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
+import json
 import logging
 import os
 import posixpath
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -32,32 +38,224 @@ ENV_KEYS: dict[str, str] = {
     "allow_http": "AWS_ALLOW_HTTP",
 }
 SECRET_KEYS = frozenset({"aws_secret_access_key", "aws_session_token", "aws_access_key_id"})
+# Request-level retries, configured in each client (they retry throttling, 5xx and dropped
+# connections themselves; the project's own backoff only covers what a client cannot:
+# restarting a read after its last row, the lease, metadata commits).
+CLIENT_RETRIES = 10  # attempts per request: ~1 min of AWS standard backoff (capped at 20 s)
+# Lance (object_store): retries per request and the total time it may spend retrying one.
+LANCE_RETRY_OPTIONS: dict[str, str] = {"client_max_retries": str(CLIENT_RETRIES),
+                                       "client_retry_timeout": "180"}
 
 
-def resolve_storage_options(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Merge the AWS environment variables with explicit overrides (overrides win).
+@dataclass(frozen=True)
+class Storage:
+    """The resolved storage options and the clients they make.
 
-    Args:
-        overrides: ``--storage-option`` pairs; keys are Lance/object_store keys.
-
-    Returns:
-        Canonical options; an ``aws_endpoint`` starting with ``http://`` implies
-        ``allow_http=true``.
+    Attributes:
+        options: Canonical (Lance/object_store) keys; never printed (``repr=False``).
     """
-    options = {key: os.environ[env] for key, env in ENV_KEYS.items() if os.environ.get(env)}
-    if "aws_region" not in options and os.environ.get("AWS_DEFAULT_REGION"):
-        options["aws_region"] = os.environ["AWS_DEFAULT_REGION"]
-    options.update({k: str(v) for k, v in (overrides or {}).items()})
-    if options.get("aws_endpoint", "").startswith("http://"):
-        options.setdefault("allow_http", "true")
-    return options
+
+    options: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def __hash__(self) -> int:  # the options dict is not hashable; its content is
+        return hash(_key(self.options))
+
+    @classmethod
+    def resolve(cls, overrides: Mapping[str, str] | None = None) -> Storage:
+        """The AWS environment variables with explicit overrides on top (overrides win).
+
+        An ``aws_endpoint`` starting with ``http://`` implies ``allow_http=true``.
+        """
+        options = {key: os.environ[env] for key, env in ENV_KEYS.items() if os.environ.get(env)}
+        if "aws_region" not in options and os.environ.get("AWS_DEFAULT_REGION"):
+            options["aws_region"] = os.environ["AWS_DEFAULT_REGION"]
+        options.update({k: str(v) for k, v in (overrides or {}).items()})
+        if options.get("aws_endpoint", "").startswith("http://"):
+            options.setdefault("allow_http", "true")
+        return cls(options)
+
+    def redacted(self) -> dict[str, str]:
+        """Options safe to print: secrets replaced by ``***``."""
+        return redacted(self.options)
+
+    # --- clients -----------------------------------------------------------------------
+
+    def pyarrow_fs(self, uri: str) -> pafs.FileSystem:
+        """A pyarrow filesystem for ``uri`` (S3 needs ``endpoint_override`` explicitly)."""
+        if not is_s3(uri):
+            return pafs.LocalFileSystem()
+        return _pyarrow_s3(_key(self.options))
+
+    def fsspec(self, uri: str) -> Any:
+        """An s3fs filesystem for an ``s3://`` uri, else None (local paths need none)."""
+        return _s3fs(_key(self.options)) if is_s3(uri) else None
+
+    def lance_options(self) -> dict[str, str]:
+        """Storage options for Lance and lance_ray, with the client's retry settings."""
+        return LANCE_RETRY_OPTIONS | dict(self.options)
+
+    def open_lance(self, uri: str, version: int | None = None) -> Any:
+        """The Lance dataset at ``uri`` (latest version unless ``version``)."""
+        import lance
+
+        return lance.dataset(uri, version=version, storage_options=self.lance_options())
+
+    def open_input(self, uri: str) -> Any:
+        """A random-access pyarrow input file."""
+        return self.pyarrow_fs(uri).open_input_file(strip_scheme(uri))
+
+    # --- checks and listings -------------------------------------------------------------
+
+    def lance_exists(self, uri: str) -> bool:
+        """Whether a Lance dataset (any committed version) exists at ``uri``."""
+        versions = strip_scheme(uri).rstrip("/") + "/_versions"
+        try:
+            info = self.pyarrow_fs(uri).get_file_info(
+                pafs.FileSelector(versions, allow_not_found=True))
+        except OSError as exc:
+            raise StorageError(f"cannot check output {uri!r}: {exc}") from exc
+        return len(info) > 0
+
+    def list_files(self, uri: str, suffixes: tuple[str, ...]) -> list[str]:
+        """Files named by ``uri``: one file, every matching file under a directory/prefix,
+        or a glob. Full URIs (``s3://...`` or absolute local paths), sorted, so that a rerun
+        sees the same order."""
+        if not is_s3(uri):
+            return _list_local(uri, suffixes)
+        fs = self.pyarrow_fs(uri)
+        path = strip_scheme(uri)
+        try:
+            if any(ch in path for ch in "*?["):
+                found = ["s3://" + p for p in self.fsspec(uri).glob(path)]
+            else:
+                info = fs.get_file_info(path)
+                if info.type == pafs.FileType.File:
+                    return [uri]
+                if info.type == pafs.FileType.NotFound:
+                    return []
+                selector = pafs.FileSelector(path, recursive=True)
+                found = ["s3://" + i.path for i in fs.get_file_info(selector)
+                         if i.type == pafs.FileType.File]
+        except OSError as exc:
+            raise StorageError(
+                f"cannot list input {uri!r} at {self.endpoint_hint()}: {exc}") from exc
+        return sorted(f for f in found if f.endswith(suffixes))
+
+    def check_reachable(self, uri: str) -> None:
+        """Fail early when the bucket of an ``s3://`` URI cannot be reached or is missing."""
+        if not is_s3(uri):
+            return
+        bucket = strip_scheme(uri).split("/", 1)[0]
+        try:
+            info = self.pyarrow_fs(uri).get_file_info(bucket)
+        except OSError as exc:
+            raise StorageError(f"cannot reach bucket {bucket!r} of {uri!r} at "
+                               f"{self.endpoint_hint()}: {exc}") from exc
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"bucket {bucket!r} of {uri!r} does not exist")
+
+    def check_writable(self, uri: str) -> None:
+        """Fail early when nothing can be written where ``uri`` lives.
+
+        Checks the bucket exists, then writes and deletes one small object beside ``uri``
+        (``<parent>/.embedjob-probe-<uuid>``), so a missing bucket, a read-only credential or
+        an unwritable directory fails before any model loads.
+        """
+        self.check_reachable(uri)  # first: some servers create a missing bucket on write
+        fs = self.pyarrow_fs(uri)
+        parent = posixpath.dirname(strip_scheme(uri).rstrip("/"))
+        probe = f"{parent}/.embedjob-probe-{uuid.uuid4().hex[:12]}"
+        try:
+            if not is_s3(uri):
+                fs.create_dir(parent, recursive=True)
+            with fs.open_output_stream(probe) as handle:
+                handle.write(b"probe")
+            fs.delete_file(probe)
+        except OSError as exc:
+            where = f" at {self.endpoint_hint()}" if is_s3(uri) else ""
+            raise StorageError(f"cannot write to the location of {uri!r}{where}: {exc}") from exc
+
+    def file_fingerprints(self, uris: list[str]) -> dict[str, str]:
+        """``size:mtime`` of each file (Lance fragments: ``fragment``), to notice changes."""
+        files = [u for u in uris if "#" not in u]
+        found: dict[str, str] = {u: "fragment" for u in uris if "#" in u}
+        if files:
+            infos = self.pyarrow_fs(files[0]).get_file_info([strip_scheme(u) for u in files])
+            for uri, info in zip(files, infos, strict=True):
+                mtime = info.mtime_ns if info.mtime_ns is not None else ""
+                found[uri] = f"{info.size}:{mtime}"
+        return found
+
+    def file_sizes(self, uris: list[str]) -> dict[str, int]:
+        """Size in bytes of each file."""
+        infos = self.pyarrow_fs(uris[0]).get_file_info([strip_scheme(u) for u in uris])
+        return {u: int(i.size or 0) for u, i in zip(uris, infos, strict=True)}
+
+    def remove_tree(self, uri: str) -> None:
+        """Delete a directory / prefix and everything under it (missing is fine)."""
+        fs = self.pyarrow_fs(uri)
+        path = strip_scheme(uri)
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+
+    def endpoint_hint(self) -> str:
+        return self.options.get("aws_endpoint") or "the default AWS endpoint"
+
+
+def _key(options: Mapping[str, str]) -> str:
+    """A hashable form of the options, for the per-process client caches."""
+    return json.dumps(dict(options), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _pyarrow_s3(key: str) -> pafs.S3FileSystem:
+    options = json.loads(key)
+    endpoint = options.get("aws_endpoint")
+    kwargs: dict[str, Any] = {
+        "access_key": options.get("aws_access_key_id"),
+        "secret_key": options.get("aws_secret_access_key"),
+        "session_token": options.get("aws_session_token"),
+        "region": options.get("aws_region"),
+        # AWS SDK standard mode: retries throttling (503 SlowDown), 5xx and transport errors
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=CLIENT_RETRIES),
+    }
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or endpoint
+        kwargs["scheme"] = parsed.scheme or ("http" if _allow_http(options) else "https")
+    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+@functools.lru_cache(maxsize=8)
+def _s3fs(key: str) -> Any:
+    """s3fs with the same settings (no region with a custom endpoint); botocore's standard
+    retry mode retries throttling, 5xx and transport errors per request."""
+    import s3fs
+
+    options = json.loads(key)
+    client_kwargs = {}
+    if options.get("aws_endpoint"):
+        client_kwargs["endpoint_url"] = options["aws_endpoint"]
+    elif options.get("aws_region"):
+        client_kwargs["region_name"] = options["aws_region"]
+    return s3fs.S3FileSystem(
+        key=options.get("aws_access_key_id"),
+        secret=options.get("aws_secret_access_key"),
+        token=options.get("aws_session_token"),
+        client_kwargs=client_kwargs,
+        config_kwargs={"retries": {"max_attempts": CLIENT_RETRIES, "mode": "standard"}},
+    )
+
+
+def _allow_http(options: Mapping[str, str]) -> bool:
+    return str(options.get("allow_http", "false")).lower() in {"1", "true", "yes"}
 
 
 def parse_storage_option(pair: str) -> tuple[str, str]:
     """Parse one ``KEY=VALUE`` flag value."""
     key, sep, value = pair.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"storage option {pair.split('=')[0]!r} must look like KEY=VALUE")
+        raise ConfigError(f"--storage-option {pair.split('=')[0]!r} must look like KEY=VALUE")
     return key.strip(), value
 
 
@@ -75,155 +273,17 @@ def strip_scheme(uri: str) -> str:
     return uri.split("://", 1)[1] if is_s3(uri) else os.path.abspath(uri)
 
 
-def _allow_http(options: Mapping[str, str]) -> bool:
-    return str(options.get("allow_http", "false")).lower() in {"1", "true", "yes"}
-
-
-def lance_options(options: Mapping[str, str]) -> dict[str, str]:
-    """Storage options for Lance and lance_ray (already in their spelling)."""
-    return dict(options)
-
-
-def open_lance(uri: str, options: Mapping[str, str], version: int | None = None):
-    """The Lance dataset at ``uri`` (latest version unless ``version``), with these options."""
-    import lance
-
-    return lance.dataset(uri, version=version, storage_options=lance_options(options))
-
-
-def pyarrow_filesystem(uri: str, options: Mapping[str, str]) -> pafs.FileSystem:
-    """A pyarrow filesystem for ``uri`` (S3 needs ``endpoint_override`` explicitly)."""
-    if not is_s3(uri):
-        return pafs.LocalFileSystem()
-    endpoint = options.get("aws_endpoint")
-    kwargs: dict = {
-        "access_key": options.get("aws_access_key_id"),
-        "secret_key": options.get("aws_secret_access_key"),
-        "session_token": options.get("aws_session_token"),
-        "region": options.get("aws_region"),
-    }
-    if endpoint:
-        parsed = urlparse(endpoint)
-        kwargs["endpoint_override"] = parsed.netloc or endpoint
-        kwargs["scheme"] = parsed.scheme or ("http" if _allow_http(options) else "https")
-    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
-
-
-def s3fs_filesystem(options: Mapping[str, str]):
-    """An s3fs filesystem with the same settings (no region with a custom endpoint)."""
-    import s3fs
-
-    client_kwargs = {}
-    if options.get("aws_endpoint"):
-        client_kwargs["endpoint_url"] = options["aws_endpoint"]
-    elif options.get("aws_region"):
-        client_kwargs["region_name"] = options["aws_region"]
-    return s3fs.S3FileSystem(
-        key=options.get("aws_access_key_id"),
-        secret=options.get("aws_secret_access_key"),
-        token=options.get("aws_session_token"),
-        client_kwargs=client_kwargs,
-    )
-
-
-def _endpoint_hint(options: Mapping[str, str]) -> str:
-    return options.get("aws_endpoint") or "the default AWS endpoint"
-
-
-def list_files(uri: str, options: Mapping[str, str], suffixes: tuple[str, ...]) -> list[str]:
-    """Files named by ``uri``: one file, every matching file under a directory/prefix, or a glob.
-
-    Returns full URIs (``s3://...`` or absolute local paths), sorted, so that a rerun sees
-    the same order.
-    """
-    if not is_s3(uri):
-        return _list_local(uri, suffixes)
-    fs = pyarrow_filesystem(uri, options)
-    path = strip_scheme(uri)
-    try:
-        if any(ch in path for ch in "*?["):
-            found = ["s3://" + p for p in s3fs_filesystem(options).glob(path)]
-        else:
-            info = fs.get_file_info(path)
-            if info.type == pafs.FileType.File:
-                return [uri]
-            if info.type == pafs.FileType.NotFound:
-                return []
-            selector = pafs.FileSelector(path, recursive=True)
-            found = [
-                "s3://" + i.path
-                for i in fs.get_file_info(selector)
-                if i.type == pafs.FileType.File
-            ]
-    except OSError as exc:
-        raise StorageError(
-            f"cannot list input {uri!r} at {_endpoint_hint(options)}: {exc}"
-        ) from exc
-    return sorted(f for f in found if f.endswith(suffixes))
-
-
 def _list_local(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     if any(ch in uri for ch in "*?["):
         found = [os.path.abspath(p) for p in glob.glob(uri, recursive=True) if os.path.isfile(p)]
     elif os.path.isfile(uri):
         return [os.path.abspath(uri)]
     elif os.path.isdir(uri):
-        found = [
-            os.path.join(root, name)
-            for root, _, names in os.walk(os.path.abspath(uri))
-            for name in names
-        ]
+        found = [os.path.join(root, name) for root, _, names in os.walk(os.path.abspath(uri))
+                 for name in names]
     else:
         return []
     return sorted(f for f in found if f.endswith(suffixes))
-
-
-def check_reachable(uri: str, options: Mapping[str, str]) -> None:
-    """Fail early when the bucket of an ``s3://`` URI cannot be reached or does not exist."""
-    if not is_s3(uri):
-        return
-    bucket = strip_scheme(uri).split("/", 1)[0]
-    fs = pyarrow_filesystem(uri, options)
-    try:
-        info = fs.get_file_info(bucket)
-    except OSError as exc:
-        raise StorageError(
-            f"cannot reach bucket {bucket!r} of {uri!r} at {_endpoint_hint(options)}: {exc}"
-        ) from exc
-    if info.type == pafs.FileType.NotFound:
-        raise StorageError(f"bucket {bucket!r} of {uri!r} does not exist")
-
-
-def lance_exists(uri: str, options: Mapping[str, str]) -> bool:
-    """Whether a Lance dataset (any committed version) exists at ``uri``."""
-    fs = pyarrow_filesystem(uri, options)
-    versions = strip_scheme(uri).rstrip("/") + "/_versions"
-    try:
-        info = fs.get_file_info(pafs.FileSelector(versions, allow_not_found=True))
-    except OSError as exc:
-        raise StorageError(f"cannot check output {uri!r}: {exc}") from exc
-    return len(info) > 0
-
-
-def file_fingerprints(uris: list[str], options: Mapping[str, str]) -> dict[str, str]:
-    """``size:mtime`` of each file (Lance fragments: ``fragment``), to notice changed input."""
-    files = [u for u in uris if "#" not in u]
-    found: dict[str, str] = {u: "fragment" for u in uris if "#" in u}
-    if files:
-        fs = pyarrow_filesystem(files[0], options)
-        infos = fs.get_file_info([strip_scheme(u) for u in files])
-        for uri, info in zip(files, infos, strict=True):
-            mtime = info.mtime_ns if info.mtime_ns is not None else ""
-            found[uri] = f"{info.size}:{mtime}"
-    return found
-
-
-def remove_tree(uri: str, options: Mapping[str, str]) -> None:
-    """Delete a directory / prefix and everything under it (missing is fine)."""
-    fs = pyarrow_filesystem(uri, options)
-    path = strip_scheme(uri)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
 
 
 def validate_output_uri(uri: str, *, input_uri: str | None = None, label: str = "output") -> str:
@@ -288,32 +348,3 @@ def _normalized(uri: str) -> str:
     return posixpath.normpath(path).rstrip("/")
 
 
-def check_writable(uri: str, options: Mapping[str, str]) -> None:
-    """Fail early when nothing can be written where ``uri`` lives.
-
-    Checks the bucket exists, then writes and deletes one small object beside ``uri``
-    (``<parent>/.embedjob-probe-<uuid>``), so a missing bucket, a read-only credential or an
-    unwritable directory fails before any model loads.
-    """
-    check_reachable(uri, options)  # first: some servers create a missing bucket on write
-    fs = pyarrow_filesystem(uri, options)
-    parent = posixpath.dirname(strip_scheme(uri).rstrip("/"))
-    probe = f"{parent}/.embedjob-probe-{uuid.uuid4().hex[:12]}"
-    try:
-        if not is_s3(uri):
-            fs.create_dir(parent, recursive=True)
-        with fs.open_output_stream(probe) as handle:
-            handle.write(b"probe")
-        fs.delete_file(probe)
-    except OSError as exc:
-        raise StorageError(
-            f"cannot write to the location of {uri!r}"
-            f"{' at ' + _endpoint_hint(options) if is_s3(uri) else ''}: {exc}"
-        ) from exc
-
-
-def file_sizes(uris: list[str], options: Mapping[str, str]) -> dict[str, int]:
-    """Size in bytes of each file."""
-    fs = pyarrow_filesystem(uris[0], options)
-    infos = fs.get_file_info([strip_scheme(u) for u in uris])
-    return {u: int(i.size or 0) for u, i in zip(uris, infos, strict=True)}

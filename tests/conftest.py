@@ -141,3 +141,12 @@ def golden_dir() -> Path:
     from tests.model_fixtures import require_golden
 
     return require_golden()
+
+
+@pytest.fixture(scope="session")
+def embedder(golden_dir):
+    """The golden checkpoint loaded once (all adapters, CPU, fp32): the tests' reference
+    encoder for expected vectors (``embedder.encode(texts, task=...)``)."""
+    from embedjob.model import load_embedder
+
+    return load_embedder(str(golden_dir))

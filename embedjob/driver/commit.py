@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import lance
 import pyarrow as pa
 import ray
 
-from embedjob import storage
-from embedjob.driver.progress import LAST_RUN_KEY, PROGRESS_KEY, ProgressRecord, UnitLedger
+from embedjob.driver.progress import ProgressRecord, UnitLedger
 from embedjob.errors import retry_transient
+from embedjob.schema import LAST_RUN_KEY, PROGRESS_KEY, Counts
 from embedjob.stages.write import load_fragments
+from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class TableCommitter:
     uri: str
     schema: pa.Schema
     recreate: bool  # True: the first commit replaces whatever is there
-    storage_options: Mapping[str, str]
+    storage: Storage
     pending: list = field(default_factory=list)
     version: int | None = None
     commits: int = 0
@@ -56,7 +56,7 @@ class TableCommitter:
             self.uri,
             operation,
             read_version=read_version,
-            storage_options=storage.lance_options(self.storage_options),
+            storage_options=self.storage.lance_options(),
         )
         self.version = dataset.version
         self.commits += 1
@@ -66,7 +66,7 @@ class TableCommitter:
         return self.dataset().version
 
     def dataset(self) -> lance.LanceDataset:
-        return retry_transient(lambda: storage.open_lance(self.uri, self.storage_options),
+        return retry_transient(lambda: self.storage.open_lance(self.uri),
                                what=f"opening {self.uri}")
 
     def update_metadata(self, values: dict[str, str]) -> None:
@@ -78,24 +78,6 @@ class TableCommitter:
         retry_transient(lambda: dataset.update_metadata(values),
                         what=f"updating the metadata of {self.uri}")
         self.version = dataset.version
-
-
-@dataclass
-class Counts:
-    """Figures summed over every write-stage result."""
-
-    rows_embedded: int = 0
-    rows_rejected: int = 0
-    rows_unchanged: int = 0
-    rows_changed: int = 0
-    rows_truncated: int = 0
-    tokens: int = 0
-    processed_tokens: int = 0
-
-    def add(self, result: pa.Table) -> None:
-        for name in ("rows_embedded", "rows_rejected", "rows_unchanged", "rows_changed",
-                     "rows_truncated", "tokens", "processed_tokens"):
-            setattr(self, name, getattr(self, name) + sum(result.column(name).to_pylist()))
 
 
 @dataclass

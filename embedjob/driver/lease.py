@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 
-from embedjob import storage
+from embedjob import schema as S
 from embedjob.errors import StorageError, retry_transient
+from embedjob.storage import Storage, is_s3, strip_scheme
 
 logger = logging.getLogger(__name__)
 READ_BACK_DELAY_S = 0.5  # long enough for a racing writer's PUT to land before we read
@@ -37,8 +38,7 @@ class OutputLockedError(StorageError):
 
 
 def lease_uri(output: str) -> str:
-    base = output.rstrip("/")
-    return (base[: -len(".lance")] if base.endswith(".lance") else base) + ".lease.json"
+    return S.sibling_uri(output, "lease")
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Lease:
 
     output: str
     ttl_s: float
-    storage_options: Mapping[str, str]
+    storage: Storage
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -80,7 +80,7 @@ class Lease:
                 logger.warning("could not renew the lease on %s: %s", self.output, exc)
 
     def _write(self) -> None:
-        if not storage.is_s3(self.output):
+        if not is_s3(self.output):
             self._fs().create_dir(os.path.dirname(self._path()), recursive=True)
         record = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
                   "expires_at": time.time() + self.ttl_s}
@@ -101,10 +101,10 @@ class Lease:
             raise
 
     def _fs(self) -> pafs.FileSystem:
-        return storage.pyarrow_filesystem(self.output, self.storage_options)
+        return self.storage.pyarrow_fs(self.output)
 
     def _path(self) -> str:
-        return storage.strip_scheme(lease_uri(self.output))
+        return strip_scheme(lease_uri(self.output))
 
 
 def _held_message(output: str, held: Mapping) -> str:

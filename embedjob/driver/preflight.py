@@ -14,13 +14,18 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from embedjob import storage
+from embedjob import schema as S
+from embedjob import storage as st
 from embedjob.config import EmbedConfig
 from embedjob.driver.progress import ProgressRecord, read_record, run_key
 from embedjob.errors import ConfigError, InputError, OutputExistsError
 from embedjob.model import ModelSpec, load_spec
 from embedjob.stages import read
-from embedjob.stages.write import REJECTED_SCHEMA, main_schema
+from embedjob.stages.bucket import BucketSpec
+from embedjob.stages.encode import EncodeSpec
+from embedjob.stages.tokens import TokenizeSpec
+from embedjob.stages.write import WriteSpec
+from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -29,80 +34,91 @@ SCHEMA_PROBE_UNITS = 8  # empty leading files are skipped when deciding column t
 
 @dataclass(frozen=True, kw_only=True)
 class RunPlan:
-    """A validated config plus everything derived from storage and the model's spec."""
+    """A validated config plus everything derived from storage and the model's spec: one
+    picklable spec per stage, storage options resolved once (``storage``)."""
 
     config: EmbedConfig
-    storage_options: dict[str, str] = field(repr=False)
+    storage: Storage = field(repr=False)
     units: list[str]  # still to embed (all of them, unless resuming)
     fingerprints: dict[str, str]  # every input unit -> size:mtime
     run_key: str
     resumed: ProgressRecord | None  # the interrupted attempt this run continues
-    spec: ModelSpec
+    model: ModelSpec
     task: str | None
     dims: tuple[int, ...]  # every stored dim, the full one first
-    hidden_size: int
-    read_spec: read.ReadSpec
-    schema: pa.Schema
-    rejected_schema: pa.Schema
+    schema: pa.Schema  # the output's, stamped
     recreate_output: bool
-    replace_schema: bool  # recreating over an existing table with other columns
     recreate_rejected: bool
+    # the stages' specs, in data-flow order
+    read: read.ReadSpec
+    tokenize: TokenizeSpec
+    bucket: BucketSpec
+    encode: EncodeSpec
+    write: WriteSpec
 
 
 def plan_run(config: EmbedConfig) -> RunPlan:
     """Validate against storage and the model's config; never loads weights."""
-    options = storage.resolve_storage_options(config.storage_options)
+    storage = Storage.resolve(config.storage_options)
     fmt = config.input_format
-    storage.validate_output_uri(config.output, input_uri=config.input)
-    storage.validate_output_uri(config.rejected_uri, input_uri=config.input,
-                                label="rejected_output")
-    storage.check_reachable(config.input, options)
+    st.validate_output_uri(config.output, input_uri=config.input)
+    st.validate_output_uri(config.rejected_uri, input_uri=config.input,
+                           label="rejected_output")
+    storage.check_reachable(config.input)
     for uri in (config.output, config.rejected_uri):
-        storage.check_writable(uri, options)
-    units = read.list_units(config.input, fmt, options)
+        storage.check_writable(uri)
+    units = read.list_units(config.input, fmt, storage)
     if not units:
         raise InputError(
             f"input {config.input!r} matched no {fmt} files "
             f"(looked for names ending in {list(read.SUFFIXES[fmt])})"
         )
-    spec, task, dims = model_plan(config, options)
-    read_spec, keep_fields = read_spec_for(config, fmt, units, options)
+    spec, task, dims = model_plan(config, storage)
+    read_spec, keep_fields = read_spec_for(config, fmt, units, storage)
     key = run_key({"input": config.input, "format": fmt, "weights": spec.fingerprint,
                    "task": task, "dims": dims, "id": config.id_column,
                    "text": config.text_column, "keep": config.keep_columns,
                    "dtype": config.vector_dtype})
-    fingerprints = storage.file_fingerprints(units, options)
-    resumed = _resumable(config, options, key, fingerprints)
-    recreate_output = resumed is None and _check_output(config, options)
+    fingerprints = storage.file_fingerprints(units)
+    resumed = _resumable(config, storage, key, fingerprints)
+    recreate_output = resumed is None and _check_output(config, storage)
     appending = config.mode == "append" or resumed is not None
-    recreate_rejected = not appending or not storage.lance_exists(config.rejected_uri, options)
+    recreate_rejected = not appending or not storage.lance_exists(config.rejected_uri)
     stamp = _stamp(config, spec, task, dims)
-    schema = main_schema(read_spec.id_type, spec.hidden_size, dims, config.vector_dtype,
-                         keep_fields, stamp)
-    held, ours = _existing_columns(config, options), _columns(schema)
+    schema = S.output_schema(read_spec.id_type, spec.hidden_size, dims, config.vector_dtype,
+                             keep_fields, stamp)
+    held, ours = _existing_columns(config, storage), _columns(schema)
     if not recreate_output and held != ours:
         raise ConfigError(
             f"appending to output {config.output!r}, which has columns {held}; "
             f"this run would write {ours}"
         )
-    todo = [u for u in units if resumed is None or u not in resumed.done]
     return RunPlan(
-        config=config, storage_options=options, units=todo, fingerprints=fingerprints,
-        run_key=key, resumed=resumed, spec=spec, task=task, dims=dims,
-        hidden_size=spec.hidden_size, read_spec=read_spec, schema=schema,
-        rejected_schema=REJECTED_SCHEMA, recreate_output=recreate_output,
-        replace_schema=recreate_output and held is not None and held != ours,
-        recreate_rejected=recreate_rejected,
+        config=config, storage=storage,
+        units=[u for u in units if resumed is None or u not in resumed.done],
+        fingerprints=fingerprints, run_key=key, resumed=resumed, model=spec, task=task,
+        dims=dims, schema=schema, recreate_output=recreate_output,
+        recreate_rejected=recreate_rejected, read=read_spec,
+        tokenize=TokenizeSpec(model=spec, task=task, storage=storage),
+        bucket=BucketSpec(max_tokens=config.max_tokens_per_batch, padded=not config.packed,
+                          overhead_tokens=config.overhead_tokens),
+        encode=EncodeSpec(model=config.model, task=task, dims=dims,
+                          vector_dtype=config.vector_dtype, packed=config.packed,
+                          compile=config.compile, use_gpu=config.gpus_per_actor > 0,
+                          cpu_threads=int(config.cpus_per_actor), storage=storage),
+        write=WriteSpec(output=config.output, rejected_output=config.rejected_uri,
+                        schema=schema, storage=storage,
+                        replace_schema=recreate_output and held is not None and held != ours),
     )
 
 
 def _resumable(
-    config: EmbedConfig, options: dict[str, str], key: str, fingerprints: dict[str, str]
+    config: EmbedConfig, storage: Storage, key: str, fingerprints: dict[str, str]
 ) -> ProgressRecord | None:
     """The progress of an interrupted attempt at this same run, if the output holds one."""
     if config.mode == "overwrite":
         return None
-    record = read_record(config.output, options)
+    record = read_record(config.output, storage)
     if record is None or record.complete:
         return None
     if record.run_key != key:
@@ -122,9 +138,9 @@ def _resumable(
     return record
 
 
-def _check_output(config: EmbedConfig, options: dict[str, str]) -> bool:
+def _check_output(config: EmbedConfig, storage: Storage) -> bool:
     """True when this run creates (or replaces) the output table."""
-    exists = storage.lance_exists(config.output, options)
+    exists = storage.lance_exists(config.output)
     if exists and config.mode == "create":
         raise OutputExistsError(
             f"output {config.output!r} already exists and mode is 'create'; "
@@ -134,12 +150,11 @@ def _check_output(config: EmbedConfig, options: dict[str, str]) -> bool:
 
 
 def read_spec_for(
-    config: EmbedConfig, fmt: str, units: list[str], options: dict[str, str]
+    config: EmbedConfig, fmt: str, units: list[str], storage: Storage
 ) -> tuple[read.ReadSpec, list[pa.Field]]:
     probe = read.ReadSpec(
         format=fmt, id_column=config.id_column, text_column=config.text_column,
-        keep_columns=config.keep_columns, id_type=pa.null(), keep_types=(),
-        storage_options=options,
+        keep_columns=config.keep_columns, id_type=pa.null(), keep_types=(), storage=storage,
     )
     schema = pa.schema([])
     for unit in units[:SCHEMA_PROBE_UNITS]:
@@ -159,7 +174,7 @@ def read_spec_for(
     spec = read.ReadSpec(
         format=fmt, id_column=config.id_column, text_column=config.text_column,
         keep_columns=config.keep_columns, id_type=id_type,
-        keep_types=tuple(f.type for f in keep_fields), storage_options=options,
+        keep_types=tuple(f.type for f in keep_fields), storage=storage,
         fail_fast=config.fail_fast,
     )
     return spec, keep_fields
@@ -181,11 +196,10 @@ def _plain(found: pa.DataType) -> pa.DataType:
 
 
 def model_plan(
-    config: EmbedConfig, options: dict[str, str]
+    config: EmbedConfig, storage: Storage
 ) -> tuple[ModelSpec, str | None, tuple[int, ...]]:
     """The model's spec, the task (default filled in) and every stored dim, full one first."""
-    filesystem = storage.s3fs_filesystem(options) if storage.is_s3(config.model) else None
-    spec = load_spec(config.model, filesystem=filesystem)
+    spec = load_spec(config.model, filesystem=storage.fsspec(config.model))
     task = config.task if config.task is not None else spec.default_task
     spec.check_task(task)
     for dim in config.dims:
@@ -195,8 +209,7 @@ def model_plan(
 
 def plan_stamp(config: EmbedConfig) -> dict[str, str]:
     """The stamp a run of ``config`` would write (reads the model's config, no weights)."""
-    options = storage.resolve_storage_options(config.storage_options)
-    return _stamp(config, *model_plan(config, options))
+    return _stamp(config, *model_plan(config, Storage.resolve(config.storage_options)))
 
 
 def _stamp(
@@ -210,26 +223,26 @@ def _stamp(
     except PackageNotFoundError:
         package_version = "unknown"
     return {
-        "embedjob.model_source": config.model,
-        "embedjob.model_revision": spec.revision or "",
-        "embedjob.weights_hash": spec.fingerprint,
-        "embedjob.task": task or "",
-        "embedjob.instruction": spec.instructions.get(task or "", ""),
-        "embedjob.dims": json.dumps(list(dims)),
-        "embedjob.normalization": "l2; vector_<d> = l2(truncate(vector, d))",
-        "embedjob.vector_dtype": config.vector_dtype,
-        "embedjob.version": package_version,
-        "embedjob.created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        S.MODEL_SOURCE: config.model,
+        S.MODEL_REVISION: spec.revision or "",
+        S.WEIGHTS_HASH: spec.fingerprint,
+        S.TASK: task or "",
+        S.INSTRUCTION: spec.instructions.get(task or "", ""),
+        S.DIMS: json.dumps(list(dims)),
+        S.NORMALIZATION: "l2; vector_<d> = l2(truncate(vector, d))",
+        S.VECTOR_DTYPE: config.vector_dtype,
+        S.VERSION: package_version,
+        S.CREATED_AT: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 
 def _existing_columns(
-    config: EmbedConfig, options: dict
+    config: EmbedConfig, storage: Storage
 ) -> list[tuple[str, pa.DataType]] | None:
     """The output's columns, or None when there is no output yet."""
-    if not storage.lance_exists(config.output, options):
+    if not storage.lance_exists(config.output):
         return None
-    return _columns(storage.open_lance(config.output, options).schema)
+    return _columns(storage.open_lance(config.output).schema)
 
 
 def _columns(schema: pa.Schema) -> list[tuple[str, pa.DataType]]:

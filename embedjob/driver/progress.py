@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import ray
 
-PROGRESS_KEY = "embedjob.progress"
-LAST_RUN_KEY = "embedjob.last_run"
+from embedjob.schema import PROGRESS_KEY
+from embedjob.storage import Storage
 
 
 @ray.remote(num_cpus=0)
@@ -59,13 +59,11 @@ class ProgressRecord:
         return cls(run_key=data["run_key"], done=data["done"], complete=data["complete"])
 
 
-def read_record(uri: str, options: Mapping[str, str]) -> ProgressRecord | None:
+def read_record(uri: str, storage: Storage) -> ProgressRecord | None:
     """The progress record of the table at ``uri``; None when there is no table or record."""
-    from embedjob import storage
-
-    if not storage.lance_exists(uri, options):
+    if not storage.lance_exists(uri):
         return None
-    return ProgressRecord.from_metadata(storage.open_lance(uri, options).metadata)
+    return ProgressRecord.from_metadata(storage.open_lance(uri).metadata)
 
 
 def run_key(parts: Mapping[str, object]) -> str:

@@ -8,38 +8,35 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 
+import pyarrow.compute as pc
 import ray
 
-from embedjob import storage
+from embedjob import schema as S
 from embedjob.config import EmbedConfig
 from embedjob.driver import pipeline, progress
 from embedjob.driver.commit import Committer, TableCommitter
 from embedjob.driver.lease import Lease
 from embedjob.driver.preflight import RunPlan, plan_run
 from embedjob.errors import BugError
-from embedjob.stages import check as validate
+from embedjob.schema import Counts
+from embedjob.stages.check import IdRegistry, OutputLookup
+from embedjob.stages.encode import EncodeActor
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, kw_only=True)
-class Summary:
-    """What one run did; logged as one line and written as JSON."""
+@dataclass(kw_only=True)
+class Summary(Counts):
+    """What one run did (the counters of ``schema.Counts`` and more); logged as one line and
+    written as JSON."""
 
     output: str
     rejected_output: str
     table_version: int | None
     rows_read: int
-    rows_embedded: int
-    rows_rejected: int
-    rows_unchanged: int
     rows_new: int
-    rows_changed: int
     rows_deleted: int
-    rows_truncated: int
     resumed_units_done: int
-    tokens: int
-    processed_tokens: int
     padding_efficiency: float
     tokens_per_s: float
     wall_s: float
@@ -58,28 +55,31 @@ class Summary:
         )
 
 
-def run(config: EmbedConfig, *, compare_with=None, registry=None) -> Summary:
+def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=None,
+        encoder: type | None = None) -> Summary:
     """Run one embed job to completion.
 
     Args:
         config: The job.
-        compare_with: A refresh's ``ExistingRows``: rows it holds unchanged are skipped.
+        lookup: A refresh's view of the output: rows it holds unchanged are skipped.
         registry: The run's ``IdRegistry`` when the caller needs it afterwards.
+        encoder: The encode stage's class (default ``EncodeActor``; tests wrap it).
 
     Raises:
         EmbedError: a configuration or storage problem, before any model loads.
     """
     started = time.monotonic()
     plan = plan_run(config)
-    with Lease(output=config.output, ttl_s=config.lease_ttl_s,
-               storage_options=plan.storage_options):
-        summary = _run(plan, started, compare_with, registry)
+    if lookup is not None:
+        plan = replace(plan, tokenize=replace(plan.tokenize, lookup=lookup))
+    with Lease(output=config.output, ttl_s=config.lease_ttl_s, storage=plan.storage):
+        summary = _run(plan, started, registry, encoder or EncodeActor)
     if config.summary_json:
         write_json(config.summary_json, asdict(summary))
     return summary
 
 
-def _run(plan: RunPlan, started: float, compare_with, registry) -> Summary:
+def _run(plan: RunPlan, started: float, registry, encoder: type) -> Summary:
     """The run proper, under the output's lease."""
     config = plan.config
     _init_ray(config)
@@ -87,7 +87,8 @@ def _run(plan: RunPlan, started: float, compare_with, registry) -> Summary:
     committer = _committer(plan)
     seeded = _prepare_resume(plan, committer, registry) if plan.resumed else 0
     if plan.units:
-        results = pipeline.build(plan, registry, committer.tracker, compare_with)
+        results = pipeline.build(plan, registry=registry, tracker=committer.tracker,
+                                 encoder=encoder)
         for result in results.iter_batches(batch_size=None, batch_format="pyarrow"):
             committer.add(result)
     _check_one_to_one(committer, registry, seeded)
@@ -105,7 +106,7 @@ def _run(plan: RunPlan, started: float, compare_with, registry) -> Summary:
 
 def new_registry():
     """The run-wide registry of claimed ids (a Ray actor)."""
-    return validate.IdRegistry.remote()
+    return IdRegistry.remote()
 
 
 def _init_ray(config: EmbedConfig) -> None:
@@ -125,10 +126,9 @@ def _committer(plan: RunPlan) -> Committer:
         tracker=progress.ReadTracker.remote(),
         run_key=plan.run_key,
         main=TableCommitter(uri=cfg.output, schema=plan.schema, recreate=plan.recreate_output,
-                            storage_options=plan.storage_options),
-        rejected=TableCommitter(uri=cfg.rejected_uri, schema=plan.rejected_schema,
-                                recreate=plan.recreate_rejected,
-                                storage_options=plan.storage_options),
+                            storage=plan.storage),
+        rejected=TableCommitter(uri=cfg.rejected_uri, schema=S.REJECTED_SCHEMA,
+                                recreate=plan.recreate_rejected, storage=plan.storage),
         interval_s=cfg.commit_interval_s,
     )
 
@@ -140,13 +140,12 @@ def _prepare_resume(plan: RunPlan, committer: Committer, registry) -> int:
         How many ids the finished units hold (claimed before any new row).
     """
     if plan.units:
-        listed = ", ".join("'" + u.replace("'", "''") + "'" for u in plan.units)
-        committer.main.dataset().delete(f"source_file IN ({listed})")
-        if storage.lance_exists(plan.config.rejected_uri, plan.storage_options):
-            committer.rejected.dataset().delete(f"source IN ({listed})")
+        committer.main.dataset().delete(pc.field(S.SOURCE_FILE).isin(plan.units))
+        if plan.storage.lance_exists(plan.config.rejected_uri):
+            committer.rejected.dataset().delete(pc.field(S.REJECTED_SOURCE).isin(plan.units))
     seeded = 0
-    for batch in committer.main.dataset().to_batches(columns=["id"], batch_size=65536):
-        ids = batch.column("id").to_pylist()
+    for batch in committer.main.dataset().to_batches(columns=[S.OUT_ID], batch_size=65536):
+        ids = batch.column(S.OUT_ID).to_pylist()
         ray.get(registry.claim.remote(ids, [0] * len(ids)))  # 0: no new row owns these
         seeded += len(ids)
     return seeded
@@ -158,28 +157,20 @@ def _check_one_to_one(committer: Committer, registry, seeded: int) -> None:
     embedded = committer.counts.rows_embedded + committer.counts.rows_unchanged + seeded
     if claimed != embedded:
         raise BugError(
-            f"{claimed} distinct valid ids were read but {embedded} rows were embedded; "
-            "this is a bug"
-        )
+            f"{claimed} distinct valid ids were read but {embedded} rows were embedded")
 
 
 def _summary(plan: RunPlan, committer: Committer, wall_s: float) -> Summary:
     counts = committer.counts
     return Summary(
+        **counts.counters(),
         output=plan.config.output,
         rejected_output=plan.config.rejected_uri,
         table_version=(committer.main.version or 0) + 1,
         rows_read=counts.rows_embedded + counts.rows_rejected + counts.rows_unchanged,
-        rows_embedded=counts.rows_embedded,
-        rows_rejected=counts.rows_rejected,
-        rows_unchanged=counts.rows_unchanged,
         rows_new=counts.rows_embedded - counts.rows_changed,
-        rows_changed=counts.rows_changed,
         rows_deleted=0,
-        rows_truncated=counts.rows_truncated,
         resumed_units_done=len(plan.resumed.done) if plan.resumed else 0,
-        tokens=counts.tokens,
-        processed_tokens=counts.processed_tokens,
         padding_efficiency=counts.tokens / counts.processed_tokens if counts.processed_tokens
         else 1.0,
         tokens_per_s=counts.tokens / wall_s if wall_s > 0 else 0.0,

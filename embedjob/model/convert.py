@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from embedjob.errors import BugError, CheckpointError
 from embedjob.model.source import SMALL_FILE_PATTERNS, weight_files
-from embedjob.model.spec import JINA_V3_DEFAULTS, TASK_ADAPTERS, checkpoint_layout, read_config
+from embedjob.model.spec import checkpoint_layout, read_config
+from embedjob.model.tasks import JINA_V3_DEFAULTS, TASK_ADAPTERS
 
 logger = logging.getLogger(__name__)
 

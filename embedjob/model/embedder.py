@@ -21,13 +21,8 @@ from embedjob.model.attention import has_fused_varlen, install_varlen
 from embedjob.model.generic import load_generic_model, position_offset
 from embedjob.model.jina import BASE_ADAPTER, load_jina
 from embedjob.model.source import resolve
-from embedjob.model.spec import (
-    TASK_ADAPTERS,
-    ModelSpec,
-    TextTokenizer,
-    read_config,
-    spec_from_resolved,
-)
+from embedjob.model.spec import ModelSpec, TextTokenizer, read_config, spec_from_resolved
+from embedjob.model.tasks import TASK_ADAPTERS
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +105,8 @@ def load_embedder(
 class Embedder:
     """A loaded model plus the semantics of ``encode``; build it with ``load_embedder``.
 
-    jina-v3 models on SDPA switch to ``embedjob.model.attention.VARLEN_ATTENTION``: padded forwards are
-    still SDPA, packed forwards attend per sequence (``varlen``; False: a block-diagonal mask,
+    jina-v3 models on SDPA switch to ``model.attention.VARLEN_ATTENTION``: padded forwards
+    are still SDPA, packed forwards attend per sequence (``varlen``; False: a block-diagonal mask,
     as for generic models).
 
     ``compile``: forwards with one adapter state run the transformers model (under any

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from embedjob.errors import CheckpointError
+from embedjob.model.tasks import PROMPT_TASKS
 
 logger = logging.getLogger(__name__)
 
 # RoBERTa-style models number positions from padding_idx + 1 (position 0 is pad_token_id + 1).
 ROBERTA_POSITION_TYPES: frozenset[str] = frozenset({"roberta", "xlm-roberta", "camembert"})
-# sentence-transformers prompt name -> the task name it serves here (prefix only, no adapter).
-PROMPT_TASKS: dict[str, str] = {"query": "retrieval.query", "passage": "retrieval.passage"}
 _POOLING_FLAGS: dict[str, str] = {
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_cls_token": "cls",

@@ -7,13 +7,14 @@ with one task's adapter merged into its weights.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from embedjob.errors import BugError, CheckpointError
 from embedjob.model.convert import (
@@ -23,7 +24,8 @@ from embedjob.model.convert import (
     lora_config,
     read_original,
 )
-from embedjob.model.spec import TASK_ADAPTERS, ModelSpec, checkpoint_layout, read_config
+from embedjob.model.spec import ModelSpec, checkpoint_layout, read_config
+from embedjob.model.tasks import TASK_ADAPTERS
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +39,13 @@ def load_jina(spec: ModelSpec, *, dtype: torch.dtype, merge_task: str | None) ->
     Raises:
         CheckpointError: Missing, unexpected or misshapen tensors, or a missing adapter.
     """
-    layout = checkpoint_layout(read_config(spec.local_dir))
-    if layout == "original":
+    tasks = [merge_task] if merge_task else list(spec.tasks)
+    if checkpoint_layout(read_config(spec.local_dir)) == "original":
         model, adapters, peft_config = _original_parts(spec.local_dir, dtype)
+        peft_model = _attach(model, {TASK_ADAPTERS[t]: adapters[TASK_ADAPTERS[t]]
+                                     for t in tasks}, peft_config)
     else:
-        model, adapters, peft_config = _hf_parts(spec, dtype)
-    wanted = [TASK_ADAPTERS[merge_task]] if merge_task else [TASK_ADAPTERS[t] for t in spec.tasks]
-    peft_model = _attach(model, {n: adapters[n] for n in wanted}, peft_config)
+        peft_model = _load_hf(spec, dtype, tasks)
     if merge_task:
         return peft_model.merge_and_unload().eval()
     return peft_model.eval()
@@ -65,9 +67,10 @@ def _original_parts(local_dir: str, dtype: torch.dtype) -> tuple[Any, dict, Any]
     return model.to(dtype).eval(), adapters, lora_config(config)
 
 
-def _hf_parts(spec: ModelSpec, dtype: torch.dtype) -> tuple[Any, dict, Any]:
-    """Layout (2): native weights via from_pretrained, one PEFT adapter per task subfolder."""
-    from peft import LoraConfig
+def _load_hf(spec: ModelSpec, dtype: torch.dtype, tasks: list[str]) -> Any:
+    """Layout (2): native weights via ``from_pretrained``, then PEFT's own loader for each
+    task's adapter subfolder (``PeftModel`` + ``load_adapter``), every key checked."""
+    from peft import LoraConfig, PeftModel
     from transformers import JinaEmbeddingsV3Model
 
     model, info = JinaEmbeddingsV3Model.from_pretrained(
@@ -78,15 +81,32 @@ def _hf_parts(spec: ModelSpec, dtype: torch.dtype) -> tuple[Any, dict, Any]:
                                                    "mismatched_keys") if info[k]}
     if bad:
         raise CheckpointError(f"{spec.local_dir}/model.safetensors: {bad}")
-    adapters, configs = {}, []
-    for task in spec.tasks:
-        folder = Path(spec.local_dir) / TASK_ADAPTERS[task]
+    names = [TASK_ADAPTERS[t] for t in tasks]
+    folders = [Path(spec.local_dir) / name for name in names]
+    for task, folder in zip(tasks, folders, strict=True):
         weights = folder / "adapter_model.safetensors"
-        if not weights.is_file():
+        if not weights.is_file():  # safetensors only: PEFT would unpickle adapter_model.bin
             raise CheckpointError(f"adapter of task {task!r} missing: no {weights}")
-        adapters[TASK_ADAPTERS[task]] = load_file(str(weights))
-        configs.append(LoraConfig.from_pretrained(str(folder)))
-    return model.eval(), adapters, configs[0] if configs else None
+    with _quiet_peft():
+        peft_model = PeftModel(model.eval(), LoraConfig.from_pretrained(str(folders[0])),
+                               adapter_name=names[0])
+        for name, folder in zip(names, folders, strict=True):
+            result = peft_model.load_adapter(str(folder), adapter_name=name)
+            if result.missing_keys or result.unexpected_keys:
+                raise CheckpointError(
+                    f"{folder / 'adapter_model.safetensors'} does not match the jina-v3 "
+                    f"adapter layout: missing tensors {sorted(result.missing_keys)}, "
+                    f"unexpected tensors {sorted(result.unexpected_keys)}")
+    return peft_model
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft reads transformers' deprecated is_gradient_checkpointing: noise, not our call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                category=FutureWarning)
+        yield
 
 
 def _attach(model: Any, adapters: dict[str, dict[str, torch.Tensor]], peft_config: Any) -> Any:
@@ -94,10 +114,7 @@ def _attach(model: Any, adapters: dict[str, dict[str, torch.Tensor]], peft_confi
     from peft import get_peft_model, set_peft_model_state_dict
 
     names = list(adapters)
-    with warnings.catch_warnings():
-        # peft reads transformers' deprecated is_gradient_checkpointing: noise, not our call.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
-                                category=FutureWarning)
+    with _quiet_peft():
         peft_model = get_peft_model(model, peft_config, adapter_name=names[0])
     for name in names[1:]:
         peft_model.add_adapter(name, peft_config)

@@ -18,6 +18,7 @@ import numpy as np
 from embedjob.errors import BugError, CheckpointError, UnknownTaskError, UnsupportedDimError
 from embedjob.model import generic
 from embedjob.model.source import ResolvedSource, resolve
+from embedjob.model.tasks import JINA_DEFAULT_TASK, JINA_V3_DEFAULTS, TASK_ADAPTERS
 
 logger = logging.getLogger(__name__)
 
@@ -27,28 +28,6 @@ Layout = Literal["original", "hf", "generic"]
 KINDS: tuple[str, ...] = ("jina-v3", "generic")
 POOLINGS: tuple[str, ...] = ("mean", "cls")
 
-# The task table: jina-v3 task name -> PEFT adapter name (PEFT names cannot contain '.')
-# and subfolder of the converted (-hf) layout.
-TASK_ADAPTERS: dict[str, str] = {
-    "retrieval.query": "retrieval_query",
-    "retrieval.passage": "retrieval_passage",
-    "separation": "separation",
-    "classification": "classification",
-    "text-matching": "text_matching",
-}
-JINA_DEFAULT_TASK = "retrieval.passage"
-# Published jinaai/jina-embeddings-v3 values, used when a converted config lacks them.
-JINA_V3_DEFAULTS: dict[str, Any] = {
-    "lora_adaptations": list(TASK_ADAPTERS),
-    "task_instructions": {
-        "retrieval.query": "Represent the query for retrieving evidence documents: ",
-        "retrieval.passage": "Represent the document for retrieval: ",
-        "separation": "",
-        "classification": "",
-        "text-matching": "",
-    },
-    "matryoshka_dimensions": [32, 64, 128, 256, 512, 768, 1024],
-}
 JINA_HF_MODEL_TYPE = "jina_embeddings_v3"
 # A text is cut at max_tokens * this many characters before tokenizing, so a 10 MB text
 # costs a bounded tokenizer call. Real tokens average 3-5 characters (XLM-R on Brown: ~4.4);

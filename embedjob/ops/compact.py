@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import lance
 
-from embedjob import storage
+from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ class CompactReport:
 
 def compact(
     output: str,
-    storage_options: Mapping[str, str],
+    storage: Storage,
     *,
     retain_days: float = 7.0,
     target_rows_per_fragment: int = TARGET_ROWS_PER_FRAGMENT,
@@ -49,23 +48,22 @@ def compact(
     """Compact ``output``, clean up versions older than ``retain_days`` and orphaned files."""
     from embedjob.driver.lease import Lease
 
-    with Lease(output=output, ttl_s=120.0, storage_options=storage_options):
-        return compact_unlocked(output, storage_options, retain_days, target_rows_per_fragment)
+    with Lease(output=output, ttl_s=120.0, storage=storage):
+        return compact_unlocked(output, storage, retain_days, target_rows_per_fragment)
 
 
-def compact_unlocked(output: str, storage_options: Mapping[str, str], retain_days: float,
+def compact_unlocked(output: str, storage: Storage, retain_days: float,
                      target_rows_per_fragment: int) -> CompactReport:
     """``compact`` for a caller that already holds the output's lease (a refresh)."""
     from lance.optimize import CompactionOptions
     from lance_ray import compact_files
 
-    options = storage.lance_options(storage_options)
-    before = len(storage.open_lance(output, storage_options).get_fragments())
-    compact_files(output, storage_options=options,
+    before = len(storage.open_lance(output).get_fragments())
+    compact_files(output, storage_options=storage.lance_options(),
                   compaction_options=CompactionOptions(
                       target_rows_per_fragment=target_rows_per_fragment),
                   num_workers=2)
-    dataset = storage.open_lance(output, storage_options)
+    dataset = storage.open_lance(output)
     stats = dataset.cleanup_old_versions(older_than=dt.timedelta(days=retain_days),
                                          delete_unverified=True)
     report = CompactReport(before, len(dataset.get_fragments()), stats.old_versions,

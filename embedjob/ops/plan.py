@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from embedjob import storage
 from embedjob.config import EmbedConfig
 from embedjob.stages import read
+from embedjob.storage import Storage
 
 LAST_BENCH = Path(os.environ.get("EMBEDJOB_CACHE", Path.home() / ".cache" / "embedjob")) / (
     "last_bench.json")
@@ -75,21 +75,21 @@ def size_job(config: EmbedConfig, *, sample_rows: int = 20000,
     """Sample the input and extrapolate the job's size."""
     from embedjob.driver.preflight import model_plan, read_spec_for
 
-    options = storage.resolve_storage_options(config.storage_options)
+    storage = Storage.resolve(config.storage_options)
     fmt = config.input_format
-    units = read.list_units(config.input, fmt, options)
+    units = read.list_units(config.input, fmt, storage)
     if not units:
         from embedjob.errors import InputError
 
         raise InputError(f"input {config.input!r} matched no {fmt} files")
-    spec, task, dims = model_plan(config, options)
-    read_spec, _ = read_spec_for(config, fmt, units, options)
+    spec, task, dims = model_plan(config, storage)
+    read_spec, _ = read_spec_for(config, fmt, units, storage)
     texts, sampled_units = _sample_texts(units[:SAMPLE_FILES], read_spec, sample_rows)
     tokenizer = spec.tokenizer()
     started = time.perf_counter()
     lengths = np.array([len(x) for x in tokenizer.tokenize(texts, task).ids] or [0])
     tokenizer_speed = float(lengths.sum()) / max(time.perf_counter() - started, 1e-9)
-    rows, exact = _estimate_rows(units, sampled_units, len(texts), read_spec, options)
+    rows, exact = _estimate_rows(units, sampled_units, len(texts), read_spec, storage)
     width = 2 if config.vector_dtype == "float16" else 4
     columns = {"vector": dims[0]} | {f"vector_{d}": d for d in dims[1:]}
     speed, source = _throughput(tokens_per_s)
@@ -145,11 +145,11 @@ def _sample_texts(units: list[str], spec: read.ReadSpec, limit: int) -> tuple[li
 
 
 def _estimate_rows(units: list[str], sampled_units: int, sampled: int, spec: read.ReadSpec,
-                   options: dict) -> tuple[int, bool]:
+                   storage: Storage) -> tuple[int, bool]:
     """Exact for Parquet (footers), else sampled rows per byte times total bytes."""
     if spec.format == "parquet":
         return sum(read.parquet_rows(unit, spec) for unit in units), True
-    sizes = storage.file_sizes(units, options)
+    sizes = storage.file_sizes(units)
     sampled_bytes = sum(sizes[u] for u in units[:sampled_units]) or 1
     return int(sampled / sampled_bytes * sum(sizes.values())), False
 

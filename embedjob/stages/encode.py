@@ -1,8 +1,8 @@
 """Encode stage: actors that hold the model once, with the task's adapter merged.
 
 Each call gets a block of bucketed rows; every contiguous run of one ``_batch`` value is
-one forward. Rejected rows pass through with null vectors so the write stage can set them
-aside. The stage checks one output per input.
+one forward. Rows not to embed (rejected, unchanged) pass through with null vectors so the
+write stage can set them aside. The stage checks one output per input.
 
 A forward that runs out of memory is split in halves and retried, down to single rows; a
 single text that still does not fit is rejected with its reason (and its id given back to
@@ -13,84 +13,108 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from embedjob import storage
+from embedjob import schema as S
 from embedjob.errors import BugError
-from tests.faults import hooks as faults
+from embedjob.schema import Status
+from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
 
-# Fault-injection hooks (jobs/faults.py), read when an actor starts; unset in production.
-DELAY_ENV = faults.ENCODE_DELAY_S  # seconds to sleep per call: kills land mid-run
-OOM_ABOVE_TOKENS_ENV = faults.OOM_ABOVE_TOKENS  # bigger forwards raise torch.OutOfMemoryError
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeSpec:
+    """What an encode actor needs; pickled to each actor.
+
+    Attributes:
+        model: The model source (local dir, ``s3://`` prefix, hub id).
+        task: The task whose adapter is merged into the weights (None: no adapter).
+        dims: Every stored dim, the full one first.
+        vector_dtype: Stored element type (``float32`` / ``float16``).
+        packed: Packed (varlen) forwards instead of padded ones.
+        compile: ``torch.compile`` the encoder.
+        use_gpu: Run on CUDA (else CPU with ``cpu_threads`` torch threads).
+        cpu_threads: Torch threads of a CPU actor.
+        storage: To read an ``s3://`` model.
+    """
+
+    model: str
+    task: str | None
+    dims: tuple[int, ...]
+    vector_dtype: str = "float32"
+    packed: bool = False
+    compile: bool = False
+    use_gpu: bool = False
+    cpu_threads: int = 1
+    storage: Storage = field(default_factory=Storage)
 
 
 class EncodeActor:
-    """``map_batches`` callable class run with ``compute=ActorPoolStrategy(...)``."""
+    """``map_batches`` callable class run with ``compute=ActorPoolStrategy(...)``.
 
-    def __init__(
-        self,
-        *,
-        model: str,
-        task: str | None,
-        dims: tuple[int, ...],
-        vector_dtype: str,
-        packed: bool,
-        compile: bool = False,
-        use_gpu: bool,
-        cpu_threads: int,
-        storage_options: Mapping[str, str],
-        registry=None,
-    ) -> None:
+    Args:
+        spec: This stage's spec.
+        registry: The run's ``IdRegistry``: ids of rows rejected here are given back to it.
+    """
+
+    def __init__(self, spec: EncodeSpec, registry=None) -> None:
         started = time.perf_counter()
         import torch
 
         from embedjob.model import load_embedder
 
-        if not use_gpu:
-            torch.set_num_threads(max(1, cpu_threads))
-        filesystem = storage.s3fs_filesystem(storage_options) if storage.is_s3(model) else None
+        if not spec.use_gpu:
+            torch.set_num_threads(max(1, spec.cpu_threads))
         self.embedder = load_embedder(
-            model, device="cuda" if use_gpu else "cpu", merge_task=task, filesystem=filesystem,
-            compile=compile,
+            spec.model, device="cuda" if spec.use_gpu else "cpu", merge_task=spec.task,
+            filesystem=spec.storage.fsspec(spec.model), compile=spec.compile,
         )
-        self.task = task
-        self.dims = dims
-        self.dtype = np.dtype(vector_dtype)
-        self.packed = packed
-        self.registry = registry  # ids of rows rejected here are given back to it
+        self.spec = spec
+        self.dtype = np.dtype(spec.vector_dtype)
+        self.registry = registry
         self.out_of_memory = (torch.OutOfMemoryError, MemoryError)
-        self.oom_above_tokens = int(faults.value(OOM_ABOVE_TOKENS_ENV) or 0)
-        self.delay_s = float(faults.value(DELAY_ENV) or 0)
         logger.info("encode actor ready in %.2f s (imports + model load)",
                     time.perf_counter() - started)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if self.delay_s:
-            time.sleep(self.delay_s)
         started = time.perf_counter()
         n = table.num_rows
         vectors = np.zeros((n, self.embedder.hidden_size), np.float32)
         processed = np.zeros(n, np.int64)
-        reasons = table.column("_reject").to_pylist()
-        rows = _row_ids(table.column("input_ids"))
-        batch_of = table.column("_batch").to_numpy()
+        statuses = table.column(S.STATUS).to_pylist()
+        reasons = table.column(S.REASON).to_pylist()
+        rows = _row_ids(table.column(S.INPUT_IDS))
+        batch_of = table.column(S.BATCH).to_numpy()
         self._encode_block(rows, batch_runs(batch_of), vectors, processed, reasons)
         late = [i for i in range(n) if batch_of[i] >= 0 and reasons[i] is not None]
+        for i in late:
+            statuses[i] = Status.REJECTED
         self._release(table, late)
-        valid = np.array([r is None for r in reasons], bool)
-        table = table.drop_columns(["input_ids", "_batch", "_reject"])
-        table = table.append_column("_reject", pa.array(reasons, pa.string()))
-        table = table.append_column("_processed_tokens", pa.array(processed, pa.int64()))
-        for name, column in vector_columns(vectors, valid, self.dims, self.dtype).items():
+        valid = np.array([s == Status.EMBED for s in statuses], bool)
+        table = table.drop_columns([S.INPUT_IDS, S.BATCH, S.STATUS, S.REASON])
+        table = table.append_column(S.STATUS, S.status_array(statuses))
+        table = table.append_column(S.REASON, pa.array(reasons, pa.string()))
+        table = table.append_column(S.PROCESSED_TOKENS, pa.array(processed, pa.int64()))
+        for name, column in vector_columns(vectors, valid, self.spec.dims, self.dtype).items():
             table = table.append_column(name, column)
         logger.debug("encoded %d rows (%d tokens processed) in %.2f s", n, int(processed.sum()),
-                    time.perf_counter() - started)
+                     time.perf_counter() - started)
         return table
+
+    # The two calls into the model; tests wrap them to inject faults (tests/faults/hooks.py).
+
+    def encode_batches(self, batches: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """Every forward of a block, one wait for the device: float32 [n_i, hidden] each."""
+        return self.embedder.encode_batches(batches, task=self.spec.task,
+                                            packed=self.spec.packed)
+
+    def encode_ids(self, ids: list[np.ndarray]) -> np.ndarray:
+        """One forward: float32 [len(ids), hidden]."""
+        return self.embedder.encode_ids(ids, task=self.spec.task, packed=self.spec.packed)
 
     def _encode_block(
         self,
@@ -105,9 +129,7 @@ class EncodeActor:
         forward with halving (``_encode_run``)."""
         batches = [rows[run.start : run.stop] for run in runs]
         try:
-            for ids in batches:
-                self._simulate_oom(ids)
-            outs = self.embedder.encode_batches(batches, task=self.task, packed=self.packed)
+            outs = self.encode_batches(batches)
         except self.out_of_memory as exc:
             _free_accelerator_memory(self.embedder.device)
             logger.warning("out of memory in a block of %d forwards (%s); one by one", len(runs),
@@ -117,7 +139,7 @@ class EncodeActor:
             return
         for run, ids, out in zip(runs, batches, outs, strict=True):
             vectors[run.start : run.stop] = self._checked(out, ids)
-            processed[run.start : run.stop] = _processed(ids, self.packed)
+            processed[run.start : run.stop] = _processed(ids, self.spec.packed)
 
     def _encode_run(
         self,
@@ -131,7 +153,7 @@ class EncodeActor:
         """Rows [start, stop) in one forward; on out-of-memory, each half on its own."""
         ids = rows[start:stop]
         try:
-            vectors[start:stop] = self._forward(ids)
+            vectors[start:stop] = self._checked(self.encode_ids(ids), ids)
         except self.out_of_memory as exc:
             _free_accelerator_memory(self.embedder.device)
             if len(ids) == 1:
@@ -144,23 +166,7 @@ class EncodeActor:
             self._encode_run(rows, start, middle, vectors, processed, reasons)
             self._encode_run(rows, middle, stop, vectors, processed, reasons)
             return
-        processed[start:stop] = _processed(ids, self.packed)
-
-    def _forward(self, ids: list[np.ndarray]) -> np.ndarray:
-        """One forward: float32 [len(ids), hidden]."""
-        self._simulate_oom(ids)
-        return self._checked(self.embedder.encode_ids(ids, task=self.task, packed=self.packed),
-                             ids)
-
-    def _simulate_oom(self, ids: list[np.ndarray]) -> None:
-        """The fault hook: forwards above ``OOM_ABOVE_TOKENS`` raise as a full GPU would."""
-        if self.oom_above_tokens and _cost(ids, self.packed) > self.oom_above_tokens:
-            import torch
-
-            raise torch.OutOfMemoryError(
-                f"simulated: {_cost(ids, self.packed)} tokens > {OOM_ABOVE_TOKENS_ENV}="
-                f"{self.oom_above_tokens}"
-            )
+        processed[start:stop] = _processed(ids, self.spec.packed)
 
     def _checked(self, out: np.ndarray, ids: list[np.ndarray]) -> np.ndarray:
         if out.shape != (len(ids), self.embedder.hidden_size):
@@ -178,9 +184,9 @@ class EncodeActor:
 
         from embedjob.stages.check import row_key
 
-        ids = table.column("_id").take(rejected).to_pylist()
-        sources = table.column("_source").take(rejected).to_pylist()
-        starts = table.column("_row").take(rejected).to_pylist()
+        ids = table.column(S.ID).take(rejected).to_pylist()
+        sources = table.column(S.SOURCE).take(rejected).to_pylist()
+        starts = table.column(S.ROW).take(rejected).to_pylist()
         claimants = [row_key(s, r) for s, r in zip(sources, starts, strict=True)]
         ray.get(self.registry.release.remote(ids, claimants))
 
@@ -190,7 +196,7 @@ def _processed(ids: list[np.ndarray], packed: bool) -> list[int] | int:
     return [len(x) for x in ids] if packed else max(map(len, ids))
 
 
-def _cost(ids: list[np.ndarray], packed: bool) -> int:
+def forward_cost(ids: list[np.ndarray], packed: bool) -> int:
     """Tokens one forward holds: sum of lengths (packed) or rows x longest (padded)."""
     return sum(map(len, ids)) if packed else len(ids) * max(map(len, ids))
 
@@ -231,10 +237,12 @@ def vector_columns(
     """
     from embedjob.model import matryoshka
 
-    columns = {"vector": _fixed_size_list(full, valid, dtype)}
+    hidden = full.shape[1]
+    columns = {S.VECTOR: _fixed_size_list(full, valid, dtype)}
     for dim in dims:
-        if dim != full.shape[1]:
-            columns[f"vector_{dim}"] = _fixed_size_list(matryoshka(full, dim), valid, dtype)
+        if dim != hidden:
+            columns[S.vector_column(dim, hidden)] = _fixed_size_list(matryoshka(full, dim),
+                                                                     valid, dtype)
     return columns
 
 

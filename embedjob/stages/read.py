@@ -3,22 +3,23 @@
 A unit is one input file (or one fragment of a Lance input). Each unit is read in bounded
 record batches, so no task ever holds a whole file. Every row leaves this stage with its
 identity: ``_source`` (the file) and ``_row`` (its index in the file), the id cast to the
-output id type, the text (null when it is not a string), the kept columns, and ``_reject``
-(null, or why the row cannot be embedded).
+output id type, the text (null when it is not a string), the kept columns, and ``_reason``
+(null, or why the row cannot be embedded; the check stage turns it into a status).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedjob import storage
+from embedjob import schema as S
 from embedjob.errors import Backoff, CorruptInputError, is_transient
+from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class ReadSpec:
     keep_columns: tuple[str, ...]
     id_type: pa.DataType
     keep_types: tuple[pa.DataType, ...]
-    storage_options: Mapping[str, str] = field(repr=False)  # holds secrets
+    storage: Storage = field(default_factory=Storage)
     # True: a file or JSON line that cannot be parsed fails the job; False: it is recorded as
     # a rejected row (a whole unreadable file as one row) and the rest is processed
     fail_fast: bool = False
@@ -51,22 +52,22 @@ class ReadSpec:
         keep = [pa.field(n, t) for n, t in zip(self.keep_columns, self.keep_types, strict=True)]
         return pa.schema(
             [
-                pa.field("_source", pa.string()),
-                pa.field("_row", pa.int64()),
-                pa.field("_id", self.id_type),
-                pa.field("_text", pa.string()),
-                pa.field("_reject", pa.string()),
+                pa.field(S.SOURCE, pa.string()),
+                pa.field(S.ROW, pa.int64()),
+                pa.field(S.ID, self.id_type),
+                pa.field(S.TEXT, pa.string()),
+                pa.field(S.REASON, pa.string()),
                 *keep,
             ]
         )
 
 
-def list_units(uri: str, fmt: str, options: Mapping[str, str]) -> list[str]:
+def list_units(uri: str, fmt: str, storage: Storage) -> list[str]:
     """Input units: the files (or the Lance dataset's fragments as ``uri#<id>``)."""
     if fmt == "lance":
-        dataset = storage.open_lance(uri, options)
+        dataset = storage.open_lance(uri)
         return [f"{uri}#{frag.fragment_id}" for frag in dataset.get_fragments()]
-    return storage.list_files(uri, options, SUFFIXES[fmt])
+    return storage.list_files(uri, SUFFIXES[fmt])
 
 
 def read_units(batch: pa.Table, spec: ReadSpec, tracker=None) -> Iterator[pa.Table]:
@@ -104,8 +105,8 @@ def _unreadable(unit: str, rows: int, spec: ReadSpec, exc: BaseException) -> str
 def _unit_rejected(unit: str, reason: str, spec: ReadSpec) -> pa.Table:
     """One rejected row (no id, row -1) standing for the unreadable rest of ``unit``."""
     columns = {field.name: pa.nulls(1, field.type) for field in spec.schema()}
-    columns |= {"_source": pa.array([unit]), "_row": pa.array([-1], pa.int64()),
-                "_reject": pa.array([reason])}
+    columns |= {S.SOURCE: pa.array([unit]), S.ROW: pa.array([-1], pa.int64()),
+                S.REASON: pa.array([reason])}
     return pa.table(columns, schema=spec.schema())
 
 
@@ -145,8 +146,7 @@ def _raw_batches(unit: str, spec: ReadSpec) -> Iterator[tuple[pa.Table, int]]:
 
 
 def _open(unit: str, spec: ReadSpec):
-    fs = storage.pyarrow_filesystem(unit, spec.storage_options)
-    return fs.open_input_file(storage.strip_scheme(unit))
+    return spec.storage.open_input(unit)
 
 
 def _read_parquet(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
@@ -258,7 +258,7 @@ def _py_array(values: list) -> pa.Array:
 
 def _read_lance(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
     uri, _, fragment_id = unit.rpartition("#")
-    dataset = storage.open_lance(uri, spec.storage_options)
+    dataset = spec.storage.open_lance(uri)
     fragment = dataset.get_fragment(int(fragment_id))
     wanted = [c for c in _wanted(spec) if c in dataset.schema.names]
     for record_batch in fragment.to_batches(batch_size=READ_BATCH_ROWS, columns=wanted):
@@ -375,7 +375,7 @@ def _probe_schema(unit: str, spec: ReadSpec) -> pa.Schema:
             parquet = pq.ParquetFile(handle)
             return parquet.schema_arrow if parquet.metadata.num_rows else pa.schema([])
     if spec.format == "lance":
-        return storage.open_lance(unit.rpartition("#")[0], spec.storage_options).schema
+        return spec.storage.open_lance(unit.rpartition("#")[0]).schema
     if spec.format == "jsonl":
         for table in _read_jsonl_all_keys(unit, spec):
             return table.schema

@@ -7,19 +7,38 @@ of strings. The task's instruction prefix is applied here by the model's tokeniz
 from __future__ import annotations
 
 import functools
-import json
 import os
-from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from embedjob import storage
-from embedjob.stages import check as validate
+from embedjob import schema as S
+from embedjob.model.spec import ModelSpec, TextTokenizer
+from embedjob.schema import Status
+from embedjob.stages import check
+from embedjob.storage import Storage
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizeSpec:
+    """What the tokenize stage needs; pickled to every task.
+
+    Attributes:
+        model: The model's spec (tokenizer files, prefixes, max_tokens).
+        task: The task whose instruction prefix is prepended (None: no prefix).
+        storage: To fetch the tokenizer files again on a node without the driver's copy.
+        lookup: A refresh's view of the output: rows it holds unchanged are skipped.
+    """
+
+    model: ModelSpec
+    task: str | None
+    storage: Storage = field(default_factory=Storage)
+    lookup: check.OutputLookup | None = None
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(spec, options_json: str):
+def _tokenizer(model: ModelSpec, storage: Storage) -> TextTokenizer:
     """One tokenizer per worker process, reused by every task that lands there.
 
     The driver's spec is used as is when its files are here (same node, shared path);
@@ -27,55 +46,49 @@ def _tokenizer(spec, options_json: str):
     """
     from embedjob.model import load_spec
 
-    if os.path.isdir(spec.local_dir):
-        return spec.tokenizer()
-    options = json.loads(options_json)
-    filesystem = storage.s3fs_filesystem(options) if storage.is_s3(spec.source) else None
-    return load_spec(spec.source, filesystem=filesystem).tokenizer()
+    if os.path.isdir(model.local_dir):
+        return model.tokenizer()
+    return load_spec(model.source, filesystem=storage.fsspec(model.source)).tokenizer()
 
 
-def tokenize_batch(
-    table: pa.Table,
-    *,
-    spec,
-    task: str | None,
-    storage_options: Mapping[str, str],
-    registry,
-    compare=None,
-) -> pa.Table:
-    """``map_batches`` body: add input_ids / n_tokens / truncated / content_hash, drop text.
+def tokenize_batch(table: pa.Table, *, spec: TokenizeSpec, registry) -> pa.Table:
+    """``map_batches`` body: status, reason, input_ids, n_tokens, truncated, content_hash and
+    the refresh's changed flag; the text is dropped.
 
-    With ``compare`` (a refresh's ``ExistingRows``), rows the output already holds with
-    the same content hash are marked unchanged and not tokenized; ``_changed`` flags rows
-    whose id exists with another hash.
+    Args:
+        table: Rows of the read stage.
+        spec: This stage's spec.
+        registry: The run's ``IdRegistry`` actor (None: duplicate ids are not checked).
     """
-    reasons = validate.check_rows(table, registry)
-    texts = table.column("_text").to_pylist()
+    reasons = check.check_rows(table, registry)
+    statuses = [Status.EMBED if r is None else Status.REJECTED for r in reasons]
+    texts = table.column(S.TEXT).to_pylist()
     n = table.num_rows
-    hashes = [validate.content_hash(t) if r is None else None for t, r in zip(texts, reasons,
-                                                                               strict=True)]
+    hashes = [check.content_hash(t) if s == Status.EMBED else None
+              for t, s in zip(texts, statuses, strict=True)]
     changed = [False] * n
-    if compare is not None:
-        changed = compare.mark(table.column("_id").to_pylist(), hashes, reasons)
-    ok = [i for i, r in enumerate(reasons) if r is None]
+    if spec.lookup is not None:
+        changed = spec.lookup.mark(table.column(S.ID).to_pylist(), hashes, statuses)
+    todo = [i for i, s in enumerate(statuses) if s == Status.EMBED]
     ids: list[np.ndarray | None] = [None] * n
     n_tokens = np.zeros(n, np.int32)
     truncated = np.zeros(n, bool)
-    if ok:
-        options_json = json.dumps(dict(storage_options), sort_keys=True)
-        tokenized = _tokenizer(spec, options_json).tokenize([texts[i] for i in ok], task)
-        for j, i in enumerate(ok):
+    if todo:
+        tokenized = _tokenizer(spec.model, spec.storage).tokenize([texts[i] for i in todo],
+                                                                  spec.task)
+        for j, i in enumerate(todo):
             ids[i] = tokenized.ids[j]
             n_tokens[i] = len(tokenized.ids[j])
             truncated[i] = bool(tokenized.truncated[j])
-    out = table.drop_columns(["_text", "_reject"])
     return (
-        out.append_column("_reject", pa.array(reasons, pa.string()))
-        .append_column("input_ids", _ids_array(ids))
-        .append_column("n_tokens", pa.array(n_tokens, pa.int32()))
-        .append_column("truncated", pa.array(truncated, pa.bool_()))
-        .append_column("content_hash", pa.array(hashes, pa.string()))
-        .append_column("_changed", pa.array(changed, pa.bool_()))
+        table.drop_columns([S.TEXT, S.REASON])
+        .append_column(S.STATUS, S.status_array(statuses))
+        .append_column(S.REASON, pa.array(reasons, pa.string()))
+        .append_column(S.INPUT_IDS, _ids_array(ids))
+        .append_column(S.N_TOKENS, pa.array(n_tokens, pa.int32()))
+        .append_column(S.TRUNCATED, pa.array(truncated, pa.bool_()))
+        .append_column(S.CONTENT_HASH, pa.array(hashes, pa.string()))
+        .append_column(S.CHANGED, pa.array(changed, pa.bool_()))
     )
 
 

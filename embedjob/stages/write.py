@@ -1,153 +1,114 @@
 """Write stage: Lance fragments through ``lance_ray``'s fragment writer; commits on the driver.
 
 Each call writes the embedded rows to the output table and the rejected rows to the
-rejected table as uncommitted fragments, and returns one row with the pickled fragment
-metadata and the call's counts. The driver commits what it has collected (periodically
-and at the end), so what a reader sees is always a whole commit.
+rejected table as uncommitted fragments, and returns one row (``schema.RESULT_SCHEMA``) with
+the pickled fragment metadata and the call's counters. Unchanged rows (refresh) are only
+counted. The driver commits what it has collected (periodically and at the end), so what a
+reader sees is always a whole commit.
 """
 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from lance_ray import LanceFragmentWriter
 
-from embedjob import storage
-from embedjob.ops.refresh import UNCHANGED
-
-RESULT_SCHEMA = pa.schema(
-    [
-        pa.field("main_fragments", pa.list_(pa.binary())),
-        pa.field("rejected_fragments", pa.list_(pa.binary())),
-        pa.field("rows_embedded", pa.int64()),
-        pa.field("rows_rejected", pa.int64()),
-        pa.field("rows_unchanged", pa.int64()),
-        pa.field("rows_changed", pa.int64()),
-        pa.field("rows_truncated", pa.int64()),
-        pa.field("tokens", pa.int64()),
-        pa.field("processed_tokens", pa.int64()),
-        pa.field("units", pa.list_(pa.string())),
-        pa.field("unit_rows", pa.list_(pa.int64())),
-    ]
-)
-
-REJECTED_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string()),
-        pa.field("reason", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("row", pa.int64()),
-    ]
-)
+from embedjob import schema as S
+from embedjob.schema import Status
+from embedjob.storage import Storage
 
 
-def main_schema(
-    id_type: pa.DataType,
-    hidden: int,
-    dims: tuple[int, ...],
-    vector_dtype: str,
-    keep: list[pa.Field],
-    metadata: Mapping[str, str],
-) -> pa.Schema:
-    """The output table's schema, stamped with ``metadata``."""
-    value = pa.float16() if vector_dtype == "float16" else pa.float32()
-    vectors = [pa.field("vector", pa.list_(value, hidden))] + [
-        pa.field(f"vector_{d}", pa.list_(value, d)) for d in dims if d != hidden
-    ]
-    fields = [
-        pa.field("id", id_type),
-        *vectors,
-        pa.field("n_tokens", pa.int32()),
-        pa.field("truncated", pa.bool_()),
-        pa.field("content_hash", pa.string()),
-        *keep,
-        # lineage: lets a resumed run delete exactly the rows of unfinished input units
-        pa.field("source_file", pa.string()),
-        pa.field("source_row", pa.int64()),
-    ]
-    return pa.schema(fields, metadata=dict(metadata))
+@dataclass(frozen=True, kw_only=True)
+class WriteSpec:
+    """Where and how the write stage writes.
 
-
-def write_block(
-    table: pa.Table,
-    *,
-    output: str,
-    rejected_output: str,
-    schema: pa.Schema,
-    storage_options: Mapping[str, str],
-    replace_schema: bool = False,
-) -> pa.Table:
-    """``map_batches`` body: write both fragments, return one result row.
-
-    ``replace_schema``: the output is being recreated over a table with another schema.
+    Attributes:
+        output: The output table.
+        rejected_output: The rejected-rows table.
+        schema: The output's stamped schema.
+        replace_schema: The output is being recreated over a table with another schema.
+        storage: Resolved storage options.
     """
-    options = storage.lance_options(storage_options)
-    reason = table.column("_reject")
-    unchanged = pc.fill_null(pc.equal(reason, UNCHANGED), False)
-    is_rejected = pc.and_(pc.is_valid(reason), pc.invert(unchanged))
-    accepted = table.filter(pc.is_null(reason))
-    rejected = table.filter(is_rejected)
-    main = _write(_to_main(accepted, schema), output, schema, options, replace_schema)
-    rejects = _write(_to_rejected(rejected), rejected_output, REJECTED_SCHEMA, options)
-    tokens = pc.sum(accepted.column("n_tokens")).as_py() or 0
-    processed = pc.sum(accepted.column("_processed_tokens")).as_py() or 0
-    truncated = pc.sum(accepted.column("truncated").cast(pa.int64())).as_py() or 0
-    units = pc.value_counts(table.column("_source")).to_pylist() if table.num_rows else []
+
+    output: str
+    rejected_output: str
+    schema: pa.Schema
+    replace_schema: bool = False
+    storage: Storage = field(default_factory=Storage)
+
+
+def write_block(table: pa.Table, *, spec: WriteSpec) -> pa.Table:
+    """``map_batches`` body: write both fragments, return one result row."""
+    status = table.column(S.STATUS)
+    accepted = table.filter(pc.equal(status, int(Status.EMBED)))
+    rejected = table.filter(pc.equal(status, int(Status.REJECTED)))
+    main = _write(_to_main(accepted, spec.schema), spec.output, spec.schema, spec,
+                  spec.replace_schema)
+    rejects = _write(_to_rejected(rejected), spec.rejected_output, S.REJECTED_SCHEMA, spec)
+    counts = S.Counts(
+        rows_embedded=accepted.num_rows,
+        rows_rejected=rejected.num_rows,
+        rows_unchanged=_sum(pc.equal(status, int(Status.UNCHANGED))),
+        rows_changed=_sum(accepted.column(S.CHANGED)),
+        rows_truncated=_sum(accepted.column(S.TRUNCATED)),
+        tokens=_sum(accepted.column(S.N_TOKENS)),
+        processed_tokens=_sum(accepted.column(S.PROCESSED_TOKENS)),
+    )
+    units = pc.value_counts(table.column(S.SOURCE)).to_pylist() if table.num_rows else []
     row = {
         "main_fragments": [main],
         "rejected_fragments": [rejects],
-        "rows_embedded": [accepted.num_rows],
-        "rows_rejected": [rejected.num_rows],
-        "rows_unchanged": [pc.sum(unchanged.cast(pa.int64())).as_py() or 0],
-        "rows_changed": [pc.sum(accepted.column("_changed").cast(pa.int64())).as_py() or 0],
-        "rows_truncated": [truncated],
-        "tokens": [tokens],
-        "processed_tokens": [processed],
+        **{name: [value] for name, value in counts.counters().items()},
         "units": [[u["values"] for u in units]],
         "unit_rows": [[u["counts"] for u in units]],
     }
-    return pa.table(row, schema=RESULT_SCHEMA)
+    return pa.table(row, schema=S.RESULT_SCHEMA)
 
 
-def _write(
-    table: pa.Table, uri: str, schema: pa.Schema, options: dict, replace_schema: bool = False
-) -> list[bytes]:
+def _sum(values: pa.ChunkedArray | pa.Array) -> int:
+    """Sum of an int or bool column (0 when empty)."""
+    if pa.types.is_boolean(values.type):
+        values = values.cast(pa.int64())
+    return int(pc.sum(values).as_py() or 0)
+
+
+def _write(table: pa.Table, uri: str, schema: pa.Schema, spec: WriteSpec,
+           replace_schema: bool = False) -> list[bytes]:
     """Uncommitted fragments, pickled. lance_ray's writer always writes in append mode,
     which refuses a schema other than the existing table's; when the run replaces that
     schema (overwrite, stamp migration), pylance's own writer is told so."""
     if table.num_rows == 0:
         return []
+    options = spec.storage.lance_options()
     if replace_schema:
         from lance.fragment import write_fragments
 
         fragments = write_fragments(table, uri, schema=schema, mode="overwrite",
                                     storage_options=options)
         return [pickle.dumps(fragment) for fragment in fragments]
+    from lance_ray import LanceFragmentWriter
+
     writer = LanceFragmentWriter(uri, schema=schema, storage_options=options)
     return writer(table).column("fragment").to_pylist()
 
 
-LINEAGE = {"id": "_id", "source_file": "_source", "source_row": "_row"}
-
-
 def _to_main(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    columns = {name: table.column(LINEAGE.get(name, name)) for name in schema.names}
+    columns = {name: table.column(S.LINEAGE.get(name, name)) for name in schema.names}
     return pa.table(columns).cast(schema)
 
 
 def _to_rejected(table: pa.Table) -> pa.Table:
-    ids = [None if v is None else str(v) for v in table.column("_id").to_pylist()]
+    ids = [None if v is None else str(v) for v in table.column(S.ID).to_pylist()]
     return pa.table(
         {
             "id": pa.array(ids, pa.string()),
-            "reason": table.column("_reject"),
-            "source": table.column("_source"),
-            "row": table.column("_row"),
+            "reason": table.column(S.REASON),
+            "source": table.column(S.SOURCE),
+            "row": table.column(S.ROW),
         },
-        schema=REJECTED_SCHEMA,
+        schema=S.REJECTED_SCHEMA,
     )
 
 

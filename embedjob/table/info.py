@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from embedjob import storage
-from embedjob.config import EmbedConfig
-from embedjob.driver.progress import (
-    LAST_RUN_KEY,  # table metadata (LanceDataset.metadata), JSON string
-)
+from embedjob import schema as S
+from embedjob.storage import Storage
 from embedjob.table.search import open_table, vector_columns
 
 logger = logging.getLogger(__name__)
@@ -61,29 +57,30 @@ class TableInfo:
         return json.dumps(asdict(self), indent=2, default=str)
 
 
-def table_info(uri: str, storage_options: Mapping[str, str] | None = None,
+def table_info(uri: str, storage: Storage | None = None,
                rejected_uri: str | None = None) -> TableInfo:
     """Read a table's summary.
 
     Args:
         uri: The output table, local or ``s3://``.
-        storage_options: ``--storage-option`` overrides over the AWS environment.
+        storage: Storage options (default: the AWS environment).
         rejected_uri: The rejected table; default ``<output>.rejected.lance`` as the job names it.
     """
-    dataset = open_table(uri, storage_options)
+    storage = storage or Storage.resolve()
+    dataset = open_table(uri, storage)
     schema = dataset.schema
-    stamp = {k.decode().removeprefix("embedjob."): v.decode()
-             for k, v in (schema.metadata or {}).items() if k.startswith(b"embedjob.")}
+    stamp = {k.removeprefix(S.STAMP_PREFIX): v for k, v in S.schema_metadata(schema).items()
+             if k.startswith(S.STAMP_PREFIX)}
     vectors = vector_columns(schema)
     width = 2 if stamp.get("vector_dtype") == "float16" else 4
-    rejected = rejected_uri or EmbedConfig(input="-", output=uri).rejected_uri
+    rejected = rejected_uri or S.sibling_uri(uri, "rejected")
     return TableInfo(
         uri=uri, rows=dataset.count_rows(), version=dataset.version,
         versions=len(dataset.versions()), fragments=len(dataset.get_fragments()), stamp=stamp,
         vector_columns=vectors, column_bytes=_column_bytes(dataset),
         bytes_per_row={c: d * width for c, d in vectors.items()},
         indices=_indices(dataset), rejected_uri=rejected,
-        rejected_rows=_rejected_rows(rejected, storage_options),
+        rejected_rows=_rejected_rows(rejected, storage),
         last_run=_last_run(dataset),
     )
 
@@ -102,21 +99,20 @@ def _indices(dataset: Any) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _rejected_rows(uri: str, storage_options: Mapping[str, str] | None) -> int | None:
-    options = storage.resolve_storage_options(storage_options)
-    if not storage.lance_exists(uri, options):
+def _rejected_rows(uri: str, storage: Storage) -> int | None:
+    if not storage.lance_exists(uri):
         return None
-    return open_table(uri, storage_options).count_rows()
+    return open_table(uri, storage).count_rows()
 
 
 def _last_run(dataset: Any) -> dict[str, Any] | None:
-    raw = dataset.metadata.get(LAST_RUN_KEY)
+    raw = dataset.metadata.get(S.LAST_RUN_KEY)
     if raw is None:
         return None
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
-        logger.warning("table metadata %s is not JSON: %.200s", LAST_RUN_KEY, raw)
+        logger.warning("table metadata %s is not JSON: %.200s", S.LAST_RUN_KEY, raw)
         return {"raw": raw}
 
 

@@ -1,6 +1,6 @@
-"""Reading side: build a vector index on an output table and search it with a text query.
+"""Search an output table with a text query.
 
-The table's schema metadata (the stamp written by ``embedjob.driver.preflight._stamp``) says which model,
+The table's schema metadata (the stamp written by ``driver.preflight``) says which model,
 task and dims made the vectors. A query is embedded with the same weights and the task that
 pairs with the table's (a ``retrieval.passage`` table is queried with ``retrieval.query``),
 truncated to the searched column's dim, then searched with Lance: through the column's vector
@@ -12,39 +12,21 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from embedjob import storage
+from embedjob import schema as S
 from embedjob.errors import ConfigError, StorageError
+from embedjob.model.tasks import QUERY_TASKS
+from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
 
-# Table task (the stamp's embedjob.task) -> task used to embed queries against it.
-# '' is a table made without an adapter (generic encoders): queries get none either.
-QUERY_TASKS: dict[str, str | None] = {
-    "retrieval.passage": "retrieval.query",
-    "retrieval.query": "retrieval.query",
-    "text-matching": "text-matching",
-    "separation": "separation",
-    "classification": "classification",
-    "": None,
-}
-INDEX_TYPES: tuple[str, ...] = ("IVF_PQ", "IVF_HNSW_SQ")
-IndexType = Literal["IVF_PQ", "IVF_HNSW_SQ"]
 METRIC = "cosine"  # the stored vectors are L2-normalized: cosine distance = 1 - dot
-# IVF_PQ trains 2^8 = 256 centroids per sub-vector codebook: fewer rows cannot train it,
-# and below this size a flat scan is exact and takes milliseconds anyway. Lance also trains
-# at most rows/256 IVF partitions (pylance 14 warns "training 19 of the 71 requested IVF
-# partitions" on 5,000 rows), so the default partitions are capped the same way.
-MIN_INDEX_ROWS = 256
-ROWS_PER_PARTITION_MIN = 256
-MAX_PARTITIONS = 4096
 DISTANCE_COLUMN = "_distance"
 
 
@@ -84,29 +66,23 @@ def read_stamp(schema: pa.Schema) -> Stamp:
     Raises:
         ConfigError: The table carries no embedjob stamp (not written by ``embedjob embed``).
     """
-    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
-    missing = [k for k in ("model_source", "weights_hash", "task", "dims")
-               if f"embedjob.{k}" not in meta]
+    meta = S.schema_metadata(schema)
+    missing = [k for k in (S.MODEL_SOURCE, S.WEIGHTS_HASH, S.TASK, S.DIMS) if k not in meta]
     if missing:
-        raise ConfigError(
-            f"table has no embedjob stamp (missing {['embedjob.' + k for k in missing]}); "
-            "was it written by 'embedjob embed'?"
-        )
+        raise ConfigError(f"table has no embedjob stamp (missing {missing}); "
+                          "was it written by 'embedjob embed'?")
     return Stamp(
-        model_source=meta["embedjob.model_source"], weights_hash=meta["embedjob.weights_hash"],
-        task=meta["embedjob.task"], instruction=meta.get("embedjob.instruction", ""),
-        dims=tuple(json.loads(meta["embedjob.dims"])),
-        vector_dtype=meta.get("embedjob.vector_dtype", "float32"),
+        model_source=meta[S.MODEL_SOURCE], weights_hash=meta[S.WEIGHTS_HASH],
+        task=meta[S.TASK], instruction=meta.get(S.INSTRUCTION, ""),
+        dims=tuple(json.loads(meta[S.DIMS])),
+        vector_dtype=meta.get(S.VECTOR_DTYPE, "float32"),
     )
 
 
 def vector_columns(schema: pa.Schema) -> dict[str, int]:
     """Vector column name -> dim, for ``vector`` and every ``vector_<d>``."""
-    return {
-        f.name: f.type.list_size for f in schema
-        if (f.name == "vector" or f.name.startswith("vector_"))
-        and pa.types.is_fixed_size_list(f.type)
-    }
+    return {f.name: f.type.list_size for f in schema
+            if S.is_vector_column(f.name) and pa.types.is_fixed_size_list(f.type)}
 
 
 def column_dim(schema: pa.Schema, column: str) -> int:
@@ -117,14 +93,10 @@ def column_dim(schema: pa.Schema, column: str) -> int:
     return columns[column]
 
 
-def open_table(uri: str, storage_options: Mapping[str, str] | None = None,
-               version: int | None = None):
-    """``lance.dataset`` with the job's storage options (AWS env + overrides)."""
-    import lance
-
-    options = storage.lance_options(storage.resolve_storage_options(storage_options))
+def open_table(uri: str, storage: Storage | None = None, version: int | None = None):
+    """The Lance table at ``uri`` (storage: the AWS environment unless given)."""
     try:
-        return lance.dataset(uri, version=version, storage_options=options)
+        return (storage or Storage.resolve()).open_lance(uri, version=version)
     except (OSError, ValueError) as exc:
         raise StorageError(f"cannot open Lance table {uri!r}: {exc}") from exc
 
@@ -170,15 +142,12 @@ def embed_queries(embedder: Any, stamp: Stamp, texts: Sequence[str], dim: int) -
 
 
 def load_query_embedder(stamp: Stamp, model: str | None = None,
-                        storage_options: Mapping[str, str] | None = None):
+                        storage: Storage | None = None):
     """Load the query model (the stamp's source unless ``model`` overrides it)."""
     from embedjob.model import load_embedder
 
     source = model or stamp.model_source
-    filesystem = None
-    if storage.is_s3(source):
-        filesystem = storage.s3fs_filesystem(storage.resolve_storage_options(storage_options))
-    return load_embedder(source, filesystem=filesystem)
+    return load_embedder(source, filesystem=(storage or Storage.resolve()).fsspec(source))
 
 
 def search_vector(dataset: Any, column: str, vector: np.ndarray, *, k: int = 10,
@@ -207,7 +176,7 @@ def search_vector(dataset: Any, column: str, vector: np.ndarray, *, k: int = 10,
 
 def search(uri: str, query: str, *, column: str = "vector", k: int = 10,
            show: Sequence[str] = (), model: str | None = None,
-           storage_options: Mapping[str, str] | None = None, embedder: Any = None,
+           storage: Storage | None = None, embedder: Any = None,
            nprobes: int | None = None, refine_factor: int | None = 1) -> pa.Table:
     """Embed ``query`` as the table's queries are meant to be embedded, and search ``column``.
 
@@ -218,7 +187,7 @@ def search(uri: str, query: str, *, column: str = "vector", k: int = 10,
         k: Rows to return.
         show: Extra columns to return beside ``id`` and ``score``.
         model: Query model source; default the stamp's ``embedjob.model_source``.
-        storage_options: ``--storage-option`` overrides over the AWS environment.
+        storage: Storage options (default: the AWS environment).
         embedder: An already loaded query model (skips loading; still checked).
         nprobes: IVF partitions to probe (Lance's default when None).
         refine_factor: Re-rank ``k * refine_factor`` index candidates with exact distances;
@@ -230,7 +199,8 @@ def search(uri: str, query: str, *, column: str = "vector", k: int = 10,
     Raises:
         ConfigError: Unknown column or show column, or a query model not matching the stamp.
     """
-    dataset = open_table(uri, storage_options)
+    storage = storage or Storage.resolve()
+    dataset = open_table(uri, storage)
     stamp = read_stamp(dataset.schema)
     dim = column_dim(dataset.schema, column)
     unknown = [c for c in show if c not in dataset.schema.names]
@@ -238,92 +208,19 @@ def search(uri: str, query: str, *, column: str = "vector", k: int = 10,
         raise ConfigError(f"show columns {unknown} not in the table's columns "
                           f"{dataset.schema.names}")
     if embedder is None:
-        spec = _query_spec(stamp, model, storage_options)
+        spec = _query_spec(stamp, model, storage)
         check_query_model(spec, stamp, dim)  # before loading any weights
-        embedder = load_query_embedder(stamp, model, storage_options)
+        embedder = load_query_embedder(stamp, model, storage)
     vector = embed_queries(embedder, stamp, [query], dim)[0]
     return search_vector(dataset, column, vector, k=k, columns=show, nprobes=nprobes,
                          refine_factor=refine_factor)
 
 
-def _query_spec(stamp: Stamp, model: str | None, storage_options: Mapping[str, str] | None):
+def _query_spec(stamp: Stamp, model: str | None, storage: Storage):
     from embedjob.model import load_spec
 
     source = model or stamp.model_source
-    filesystem = None
-    if storage.is_s3(source):
-        filesystem = storage.s3fs_filesystem(storage.resolve_storage_options(storage_options))
-    return load_spec(source, filesystem=filesystem)
-
-
-@dataclass(frozen=True, kw_only=True)
-class IndexPlan:
-    """The parameters an index is built with (defaults derived from rows and dim)."""
-
-    column: str
-    index_type: str
-    metric: str
-    num_partitions: int
-    num_sub_vectors: int | None
-    rows: int
-    dim: int
-
-
-def index_defaults(rows: int, dim: int, index_type: str = "IVF_PQ",
-                   num_partitions: int | None = None,
-                   num_sub_vectors: int | None = None) -> tuple[int, int | None]:
-    """Default IVF partitions and PQ sub-vectors for a table of ``rows`` vectors of ``dim``.
-
-    Partitions: round(sqrt(rows)) (lance-ray's own default), at most rows/256 (what Lance
-    trains) and 4096. PQ sub-vectors: dim/16 when 16 divides dim,
-    else dim/8, dim/4, ... (Lance's SIMD path wants sub-vectors of 8 or 16 values).
-
-    Raises:
-        ConfigError: ``rows`` below MIN_INDEX_ROWS, an unknown index type, or
-            ``num_sub_vectors`` that does not divide ``dim``.
-    """
-    if index_type not in INDEX_TYPES:
-        raise ConfigError(f"index type {index_type!r} not in {list(INDEX_TYPES)}")
-    if rows < MIN_INDEX_ROWS:
-        raise ConfigError(
-            f"table has {rows} rows; a vector index needs at least {MIN_INDEX_ROWS} to train "
-            "(IVF centroids and 256-entry PQ codebooks); search without one is exact and fast "
-            "at this size"
-        )
-    cap = min(MAX_PARTITIONS, rows // ROWS_PER_PARTITION_MIN)
-    partitions = num_partitions or max(1, min(cap, round(math.sqrt(rows))))
-    if index_type != "IVF_PQ":
-        return partitions, None
-    if num_sub_vectors is None:
-        sub_dim = next(s for s in (16, 8, 4, 2, 1) if dim % s == 0)
-        num_sub_vectors = dim // sub_dim
-    if dim % num_sub_vectors:
-        raise ConfigError(f"num_sub_vectors {num_sub_vectors} must divide the column dim {dim}")
-    return partitions, num_sub_vectors
-
-
-def build_index(uri: str, *, column: str, index_type: str = "IVF_PQ",
-                num_partitions: int | None = None, num_sub_vectors: int | None = None,
-                storage_options: Mapping[str, str] | None = None) -> IndexPlan:
-    """Build (or replace) a cosine vector index on ``column`` of the table at ``uri``.
-
-    Returns:
-        The parameters used; the table gains a new version holding the index.
-    """
-    dataset = open_table(uri, storage_options)
-    dim = column_dim(dataset.schema, column)
-    rows = dataset.count_rows()
-    partitions, sub_vectors = index_defaults(rows, dim, index_type, num_partitions,
-                                             num_sub_vectors)
-    kwargs: dict[str, Any] = {"num_partitions": partitions}
-    if sub_vectors is not None:
-        kwargs["num_sub_vectors"] = sub_vectors
-    logger.info("building %s (%s) on %s of %s: %d rows, dim %d, %s", index_type, METRIC,
-                column, uri, rows, dim, kwargs)
-    dataset.create_index(column, index_type=index_type, metric=METRIC, replace=True,
-                         name=f"{column}_idx", **kwargs)
-    return IndexPlan(column=column, index_type=index_type, metric=METRIC,
-                     num_partitions=partitions, num_sub_vectors=sub_vectors, rows=rows, dim=dim)
+    return load_spec(source, filesystem=storage.fsspec(source))
 
 
 def format_results(table: pa.Table, max_chars: int = 100) -> str:

@@ -1,4 +1,6 @@
-"""Fault-injection hooks for the ``faults`` test tier; every hook is unset in production.
+"""Fault injection for the tests: a subclass of the production encode actor, selected by the
+tests (``run(config, encoder=FaultyEncodeActor)`` or the ``tests.faults.driver`` CLI), with
+hooks that production code never reads.
 
 A hook is a named value read where the fault happens (an encode actor). Ray workers are
 started by the raylet with the environment it had when the cluster started, so an
@@ -12,7 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import time
 from collections.abc import Iterator
+
+import numpy as np
+from ray import cloudpickle
+
+from embedjob.stages.encode import EncodeActor, EncodeSpec, forward_cost
 
 NAMESPACE = "embedjob-faults"
 
@@ -46,3 +55,40 @@ def injected(name: str, setting: str) -> Iterator[None]:
         yield
     finally:
         internal_kv._internal_kv_del(name, namespace=NAMESPACE)
+
+
+class FaultyEncodeActor(EncodeActor):
+    """``EncodeActor`` with two hooks, read when the actor starts: a delay per call
+    (``ENCODE_DELAY_S``) and simulated out-of-memory errors for forwards costing more than
+    ``OOM_ABOVE_TOKENS`` tokens."""
+
+    def __init__(self, spec: EncodeSpec, registry=None) -> None:
+        super().__init__(spec, registry)
+        self.delay_s = float(value(ENCODE_DELAY_S) or 0)
+        self.oom_above_tokens = int(value(OOM_ABOVE_TOKENS) or 0)
+
+    def __call__(self, table):
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return super().__call__(table)
+
+    def encode_batches(self, batches: list[list[np.ndarray]]) -> list[np.ndarray]:
+        for ids in batches:
+            self._simulate_oom(ids)
+        return super().encode_batches(batches)
+
+    def encode_ids(self, ids: list[np.ndarray]) -> np.ndarray:
+        self._simulate_oom(ids)
+        return super().encode_ids(ids)
+
+    def _simulate_oom(self, ids: list[np.ndarray]) -> None:
+        cost = forward_cost(ids, self.spec.packed)
+        if self.oom_above_tokens and cost > self.oom_above_tokens:
+            import torch
+
+            raise torch.OutOfMemoryError(
+                f"simulated: {cost} tokens > {OOM_ABOVE_TOKENS}={self.oom_above_tokens}")
+
+
+# Ray workers need not import this test module: the class travels by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -32,20 +32,16 @@ from embedjob.driver.run import run
 from embedjob.errors import ConfigError, CorruptInputError, StorageError, TransientGiveUpError
 from embedjob.ops.compact import compact
 from embedjob.stages import read
-from embedjob.stages.encode import OOM_ABOVE_TOKENS_ENV, EncodeActor
+from embedjob.stages.encode import EncodeSpec
+from embedjob.storage import Storage
 from tests.conftest import SECRET_KEY
 from tests.faults import hooks as faults
+from tests.faults.hooks import OOM_ABOVE_TOKENS, FaultyEncodeActor
 from tests.pipeline_helpers import real_rows, to_table, vectors_by_id
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.faults]
 TASK = "retrieval.passage"
 
-
-@pytest.fixture(scope="module")
-def embedder(golden_dir):
-    from embedjob.model import load_embedder
-
-    return load_embedder(str(golden_dir))
 
 
 def _upload(s3_server, prefix: str, name: str, table: pa.Table) -> None:
@@ -66,20 +62,19 @@ def _check_vectors(table: pa.Table, rows: list[dict], embedder) -> None:
 def _bucketed(golden_dir, rows: list[dict], max_tokens: int) -> pa.Table:
     """The encode stage's input for ``rows``: read, tokenize and bucket, without Ray."""
     from embedjob.model import load_spec
-    from embedjob.stages.bucket import bucket_window
-    from embedjob.stages.tokens import tokenize_batch
+    from embedjob.stages.bucket import BucketSpec, bucket_window
+    from embedjob.stages.tokens import TokenizeSpec, tokenize_batch
 
     spec = read.ReadSpec(format="parquet", id_column="id", text_column="text",
-                         keep_columns=(), id_type=pa.int64(), keep_types=(), storage_options={})
+                         keep_columns=(), id_type=pa.int64(), keep_types=())
     table = read.normalize(to_table(rows), "mem://corpus", 0, spec)
-    tokens = tokenize_batch(table, spec=load_spec(str(golden_dir)), task=TASK,
-                            storage_options={}, registry=None)
-    return bucket_window(tokens, max_tokens=max_tokens, padded=True)
+    tokens = tokenize_batch(table, spec=TokenizeSpec(model=load_spec(str(golden_dir)), task=TASK),
+                            registry=None)
+    return bucket_window(tokens, spec=BucketSpec(max_tokens=max_tokens))
 
 
-def _actor(golden_dir) -> EncodeActor:
-    return EncodeActor(model=str(golden_dir), task=TASK, dims=(64,), vector_dtype="float32",
-                       packed=False, use_gpu=False, cpu_threads=1, storage_options={})
+def _actor(golden_dir) -> FaultyEncodeActor:
+    return FaultyEncodeActor(EncodeSpec(model=str(golden_dir), task=TASK, dims=(64,)))
 
 
 def test_out_of_memory_splits_the_batch_and_rejects_only_a_text_that_never_fits(
@@ -88,21 +83,24 @@ def test_out_of_memory_splits_the_batch_and_rejects_only_a_text_that_never_fits(
     rows = real_rows(12, offset=100)
     rows[3] = {**rows[3], "text": "word " * 400}  # far longer than the rest
     long_id = rows[3]["id"]
-    monkeypatch.setenv(OOM_ABOVE_TOKENS_ENV, "300")
+    monkeypatch.setenv(OOM_ABOVE_TOKENS, "300")
     actor = _actor(golden_dir)
     bucketed = _bucketed(golden_dir, rows, max_tokens=4000)
     assert len(set(bucketed.column("_batch").to_pylist())) < len(rows)  # batches to split
     out = actor(bucketed)
 
     assert out.num_rows == len(rows)  # one output per input
-    reasons = dict(zip(out.column("_id").to_pylist(), out.column("_reject").to_pylist(),
+    reasons = dict(zip(out.column("_id").to_pylist(), out.column("_reason").to_pylist(),
                        strict=True))
+    statuses = dict(zip(out.column("_id").to_pylist(), out.column("_status").to_pylist(),
+                        strict=True))
+    assert statuses == {r["id"]: 0 for r in rows} | {long_id: 1}  # EMBED, REJECTED
     n_long = bucketed.column("n_tokens").to_pylist()[reasons_index(bucketed, long_id)]
     assert n_long > 300
     assert reasons == {r["id"]: None for r in rows} | {
         long_id: f"out of memory: 1 text of {n_long} tokens does not fit"}
     table = out.rename_columns(["id" if c == "_id" else c for c in out.column_names])
-    kept = table.filter(pa.compute.is_null(table.column("_reject")))
+    kept = table.filter(pa.compute.is_null(table.column("_reason")))
     _check_vectors(kept, [r for r in rows if r["id"] != long_id], embedder)
     assert out.column("vector").null_count == 1
     # each forward that ran held at most the budget
@@ -120,10 +118,11 @@ def test_out_of_memory_in_a_run_splits_batches_and_loses_no_row(
     rows = real_rows(24, offset=300)
     _upload(s3_server, s3_prefix, "a.parquet", to_table(rows))
     out = s3_server.uri(s3_prefix, "out.lance")
-    with faults.injected(OOM_ABOVE_TOKENS_ENV, "400"):  # read by the actors of this run
+    with faults.injected(OOM_ABOVE_TOKENS, "400"):  # read by the actors of this run
         summary = run(EmbedConfig(input=s3_server.uri(s3_prefix, "in/"), format="parquet",
                                   output=out, model=str(golden_dir), max_tokens_per_batch=4000,
-                                  window_rows=24, storage_options=s3_server.storage_options))
+                                  window_rows=24, storage_options=s3_server.storage_options),
+                      encoder=FaultyEncodeActor)
     table = lance.dataset(out, storage_options=s3_server.storage_options).to_table()
     assert sorted(table.column("id").to_pylist()) == [r["id"] for r in rows]
     assert (summary.rows_embedded, summary.rows_rejected) == (24, 0)
@@ -140,15 +139,15 @@ def test_out_of_memory_in_a_run_splits_batches_and_loses_no_row(
 def test_out_of_memory_on_one_text_in_a_run_rejects_it_with_its_reason(
     s3_server, s3_prefix, ray_session, golden_dir
 ):
-    """Needs the encode actors to hold the run's id registry (jobs/pipeline.py passes it)."""
+    """Needs the encode actors to hold the run's id registry (driver/pipeline.py passes it)."""
     rows = real_rows(10, offset=400)
     rows[4] = {**rows[4], "text": "word " * 600}
     _upload(s3_server, s3_prefix, "a.parquet", to_table(rows))
     out = s3_server.uri(s3_prefix, "out.lance")
     config = EmbedConfig(input=s3_server.uri(s3_prefix, "in/"), format="parquet", output=out,
                          model=str(golden_dir), storage_options=s3_server.storage_options)
-    with faults.injected(OOM_ABOVE_TOKENS_ENV, "500"):
-        summary = run(config)
+    with faults.injected(OOM_ABOVE_TOKENS, "500"):
+        summary = run(config, encoder=FaultyEncodeActor)
     options = s3_server.storage_options
     table = lance.dataset(out, storage_options=options).to_table()
     assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in rows
@@ -165,8 +164,7 @@ def test_out_of_memory_on_one_text_in_a_run_rejects_it_with_its_reason(
 
 def _spec(fmt: str, *, fail_fast: bool = False) -> read.ReadSpec:
     return read.ReadSpec(format=fmt, id_column="id", text_column="text", keep_columns=(),
-                         id_type=pa.int64(), keep_types=(), storage_options={},
-                         fail_fast=fail_fast)
+                         id_type=pa.int64(), keep_types=(), fail_fast=fail_fast)
 
 
 def _corrupt_mid_file(path: Path) -> int:
@@ -188,12 +186,12 @@ def test_parquet_damaged_mid_file_keeps_the_rows_before_and_records_the_rest(tmp
     before = _corrupt_mid_file(path)
     tables = list(read.read_units(pa.table({"unit": [str(path)]}), _spec("parquet")))
     out = pa.concat_tables(tables)
-    good = out.filter(pa.compute.is_null(out.column("_reject")))
+    good = out.filter(pa.compute.is_null(out.column("_reason")))
     assert good.column("_row").to_pylist() == list(range(before))
-    bad = out.filter(pa.compute.is_valid(out.column("_reject"))).to_pylist()
+    bad = out.filter(pa.compute.is_valid(out.column("_reason"))).to_pylist()
     assert len(bad) == 1 and bad[0]["_row"] == -1 and bad[0]["_id"] is None
     assert bad[0]["_source"] == str(path)
-    assert bad[0]["_reject"].startswith(f"unreadable parquet after row {before - 1}: ")
+    assert bad[0]["_reason"].startswith(f"unreadable parquet after row {before - 1}: ")
 
 
 def test_fail_fast_stops_at_a_corrupt_file_or_a_broken_json_line(tmp_path):
@@ -207,7 +205,7 @@ def test_fail_fast_stops_at_a_corrupt_file_or_a_broken_json_line(tmp_path):
         list(read.read_units(pa.table({"unit": [str(lines)]}), _spec("jsonl", fail_fast=True)))
     # without fail_fast the same line is one rejected row
     out = pa.concat_tables(read.read_units(pa.table({"unit": [str(lines)]}), _spec("jsonl")))
-    assert out.column("_reject").null_count == 1
+    assert out.column("_reason").null_count == 1
 
 
 def test_a_transient_error_mid_file_resumes_the_file_after_the_last_row_read(
@@ -233,7 +231,7 @@ def test_a_transient_error_mid_file_resumes_the_file_after_the_last_row_read(
     assert len(failures) == 2
     assert out.column("_row").to_pylist() == list(range(30))  # each row once, in order
     assert out.column("_id").to_pylist() == list(range(30))
-    assert out.column("_reject").null_count == 30
+    assert out.column("_reason").null_count == 30
 
 
 def _fast_backoff(init):
@@ -289,7 +287,7 @@ def test_failed_commit_leaves_nothing_visible_and_the_rerun_completes_and_cleans
 
     orphans = _data_files(s3_server, out)
     assert orphans, "the write stage wrote no fragment files before the commit"
-    assert not storage.lance_exists(out, options)  # nothing visible: no version committed
+    assert not Storage(options).lance_exists(out)  # nothing visible: no version committed
     with pytest.raises((OSError, ValueError)):
         lance.dataset(out, storage_options=options)
 
@@ -302,7 +300,7 @@ def test_failed_commit_leaves_nothing_visible_and_the_rerun_completes_and_cleans
     assert orphans <= _data_files(s3_server, out)  # the failed run's files are still there...
     assert not orphans & _referenced(dataset)  # ...but not part of any version
 
-    compact(out, options, retain_days=0)  # embedjob compact removes the orphans
+    compact(out, Storage(options), retain_days=0)  # embedjob compact removes the orphans
     assert _data_files(s3_server, out) == _referenced(lance.dataset(out, storage_options=options))
     assert lance.dataset(out, storage_options=options).count_rows() == 16
 
@@ -348,16 +346,16 @@ def test_check_writable_refuses_unwritable_locations(s3_server, s3_prefix, tmp_p
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     with pytest.raises(StorageError, match="cannot write to the location of"):
-        storage.check_writable(str(blocker / "out.lance"), {})
+        Storage().check_writable(str(blocker / "out.lance"))
     options = s3_server.storage_options
     with pytest.raises(StorageError, match="does not exist"):
-        storage.check_writable(f"s3://{_missing_bucket()}/out.lance", options)
+        Storage(options).check_writable(f"s3://{_missing_bucket()}/out.lance")
     wrong = options | {"aws_secret_access_key": "wrong-" + SECRET_KEY}
     with pytest.raises(StorageError, match="cannot (reach|write)") as caught:
-        storage.check_writable(s3_server.uri(s3_prefix, "out.lance"), wrong)
+        Storage(wrong).check_writable(s3_server.uri(s3_prefix, "out.lance"))
     assert SECRET_KEY not in str(caught.value)
-    storage.check_writable(s3_server.uri(s3_prefix, "out.lance"), options)  # writable: fine
-    storage.check_writable(str(tmp_path / "new" / "out.lance"), {})
+    Storage(options).check_writable(s3_server.uri(s3_prefix, "out.lance"))  # writable: fine
+    Storage().check_writable(str(tmp_path / "new" / "out.lance"))
     assert not [p for p in s3_server.filesystem().find(f"{s3_server.bucket}/{s3_prefix}")
                 if ".embedjob-probe" in p]  # the probe cleans up after itself
 
@@ -573,7 +571,7 @@ def test_s3_server_restarted_mid_run_ends_exactly_once_or_fails_clearly_and_reru
 
         def first_run() -> None:
             try:
-                outcome["summary"] = run(config)
+                outcome["summary"] = run(config, encoder=FaultyEncodeActor)
             except Exception as exc:  # judged below: it must be a clear message
                 outcome["error"] = exc
 
@@ -582,7 +580,7 @@ def test_s3_server_restarted_mid_run_ends_exactly_once_or_fails_clearly_and_reru
             thread.start()
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and thread.is_alive():
-                if storage.lance_exists(out, options):
+                if Storage(options).lance_exists(out):
                     break
                 time.sleep(0.2)
             assert thread.is_alive(), f"the run ended before the outage: {outcome}"

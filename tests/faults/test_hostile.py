@@ -43,12 +43,6 @@ REJECTED_HOSTILE = {
 }
 
 
-@pytest.fixture(scope="module")
-def embedder(golden_dir):
-    from embedjob.model import load_embedder
-
-    return load_embedder(str(golden_dir))
-
 
 def _put(fs, path: str, payload: bytes) -> None:
     with fs.open(path, "wb") as handle:

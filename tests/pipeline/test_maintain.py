@@ -7,6 +7,7 @@ import pytest
 from embedjob.config import EmbedConfig
 from embedjob.driver.run import run
 from embedjob.ops.compact import compact
+from embedjob.storage import Storage
 from tests.pipeline_helpers import vectors_by_id, write_parts
 
 pytestmark = pytest.mark.pipeline
@@ -25,7 +26,7 @@ def test_compact_merges_small_fragments_and_drops_old_versions(
     vectors = vectors_by_id(before.to_table())
     assert len(before.get_fragments()) >= 4 and len(before.versions()) >= 3
 
-    report = compact(config.output, {}, retain_days=0)
+    report = compact(config.output, Storage(), retain_days=0)
     after = lance.dataset(config.output)
     assert report.fragments_before == len(before.get_fragments())
     assert report.fragments_after == len(after.get_fragments()) == 1

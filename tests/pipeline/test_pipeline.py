@@ -19,12 +19,6 @@ pytestmark = pytest.mark.pipeline
 TASK = "retrieval.passage"
 
 
-@pytest.fixture(scope="module")
-def embedder(golden_dir):
-    from embedjob.model import load_embedder
-
-    return load_embedder(str(golden_dir))
-
 
 @pytest.fixture(scope="module")
 def tokenizer(golden_dir):

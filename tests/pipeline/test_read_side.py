@@ -13,9 +13,10 @@ import pytest
 
 from embedjob.config import EmbedConfig
 from embedjob.errors import ConfigError
-from embedjob.table.eval import (
-    EvalConfig,
-    evaluate,
+from embedjob.model.tasks import QUERY_TASKS
+from embedjob.storage import Storage
+from embedjob.table.eval import EvalConfig, evaluate
+from embedjob.table.eval.metrics import (
     ndcg_at_k,
     pearson,
     rank_documents,
@@ -23,17 +24,9 @@ from embedjob.table.eval import (
     retrieval_metrics,
     top1,
 )
+from embedjob.table.index import build_index, index_defaults
 from embedjob.table.info import format_info, table_info
-from embedjob.table.search import (
-    QUERY_TASKS,
-    Stamp,
-    build_index,
-    check_query_model,
-    embed_queries,
-    index_defaults,
-    read_stamp,
-    search,
-)
+from embedjob.table.search import Stamp, check_query_model, embed_queries, read_stamp, search
 from tests.pipeline_helpers import l2, real_rows, to_table
 
 # ------------------------------------------------------------------ unit: metrics, defaults
@@ -132,12 +125,6 @@ def test_eval_datasets_are_the_documented_slices():
 # ------------------------------------------------------------------ pipeline: real tables
 
 
-@pytest.fixture(scope="module")
-def embedder(golden_dir):
-    from embedjob.model import load_embedder
-
-    return load_embedder(str(golden_dir))
-
 
 def _embed(tmp_dir, golden_dir, rows, task, dims, name, **kwargs):
     from embedjob.driver.run import run
@@ -216,7 +203,7 @@ def _check_planted(uri, rows, embedder, options, column, tolerance):
     """A row's own text finds that row first (symmetric task), score ~1, exact ranking."""
     for row in rows[::80]:
         found = search(uri, row["text"], column=column, k=3, show=("lang",),
-                       storage_options=options, embedder=embedder)
+                       storage=Storage(options), embedder=embedder)
         assert found.column_names == ["id", "score", "lang"]
         assert found.column("id")[0].as_py() == row["id"]
         assert found.column("score")[0].as_py() == pytest.approx(1.0, abs=tolerance)
@@ -238,18 +225,19 @@ def test_planted_neighbours_then_index_and_search_on_s3(s3_server, s3_prefix, ra
     matrix = np.asarray(stored.column("vector").to_pylist(), dtype=np.float32)
     query = embedder.encode([rows[3]["text"]], task="text-matching")[0]
     want = np.sort(matrix @ query)[::-1][:5]  # the 5 best scores over every stored row
-    found = search(out, rows[3]["text"], k=5, storage_options=options, embedder=embedder)
+    found = search(out, rows[3]["text"], k=5, storage=Storage(options), embedder=embedder)
     np.testing.assert_allclose(found.column("score").to_numpy(), want, atol=2e-3)  # float16
 
-    plan = build_index(out, column="vector_32", storage_options=options)
+    plan = build_index(out, column="vector_32", storage=Storage(options))
     assert (plan.index_type, plan.num_partitions, plan.num_sub_vectors) == ("IVF_PQ", 2, 2)
-    info = table_info(out, options)
+    info = table_info(out, Storage(options))
     assert info.indices == {"vector_32_idx": {"type": "IVF_PQ", "columns": ["vector_32"]}}
     assert info.rows == 640 and info.bytes_per_row["vector_32"] == 64
     _check_planted(out, rows, embedder, options, "vector_32", 2e-3)  # through the index
-    hnsw = build_index(out, column="vector", index_type="IVF_HNSW_SQ", storage_options=options)
+    hnsw = build_index(out, column="vector", index_type="IVF_HNSW_SQ",
+                       storage=Storage(options))
     assert hnsw.num_sub_vectors is None
-    found = search(out, rows[5]["text"], k=1, storage_options=options, embedder=embedder)
+    found = search(out, rows[5]["text"], k=1, storage=Storage(options), embedder=embedder)
     assert found.column("id").to_pylist() == [rows[5]["id"]]
 
 

@@ -3,6 +3,7 @@ stamp re-embeds everything. Real Ray, real Lance, the golden tiny checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import lance
@@ -18,12 +19,6 @@ from tests.pipeline_helpers import content_hash, real_rows, to_table, vectors_by
 pytestmark = pytest.mark.pipeline
 TASK = "retrieval.passage"
 
-
-@pytest.fixture(scope="module")
-def embedder(golden_dir):
-    from embedjob.model import load_embedder
-
-    return load_embedder(str(golden_dir))
 
 
 def _write(path, rows):
@@ -96,7 +91,7 @@ def test_refresh_keep_deleted_and_stamp_change_reembeds_everything(
                          model=str(golden_dir))
     run(config)
     _write(corpus, rows[:10])
-    kept = refresh(config, keep_deleted=True)
+    kept = refresh(dataclasses.replace(config, keep_deleted=True))
     assert (kept.rows_deleted, kept.rows_unchanged) == (0, 10)
     assert lance.dataset(config.output).count_rows() == 12
 

@@ -25,6 +25,7 @@ import pytest
 from embedjob.config import EmbedConfig
 from embedjob.driver.run import run
 from tests.faults import hooks as faults
+from tests.faults.hooks import FaultyEncodeActor
 from tests.pipeline_helpers import real_rows, to_table, vectors_by_id, write_parts
 
 pytestmark = pytest.mark.pipeline
@@ -54,11 +55,12 @@ def _progress(uri: str, options: dict) -> dict | None:
 
 
 def _command(s3_server, prefix: str, golden_dir, summary: Path) -> list[str]:
-    return [str(Path(sys.executable).parent / "embedjob"), "embed",
+    # the embedjob CLI with the fault-injecting encode actor (its delay hook)
+    return [sys.executable, "-m", "tests.faults.driver", "embed",
             "--input", s3_server.uri(prefix, "in/"), "--format", "parquet",
             "--output", s3_server.uri(prefix, "out.lance"), "--model", str(golden_dir),
             "--window-rows", "4", "--write-batch-rows", "4", "--commit-interval-s", "0.2",
-            "--lease-ttl-s", "6",
+            "--lease-ttl-s", "15",  # outlasts the refused rerun's start on a busy machine
             "--summary-json", str(summary)]
 
 
@@ -77,12 +79,6 @@ def _check_exactly_once(s3_server, prefix: str, rows: list[dict], embedder) -> N
         expected = embedder.encode([r["text"]], task="retrieval.passage")[0]
         assert np.abs(got[r["id"]] - expected).max() < 1e-5
 
-
-@pytest.fixture(scope="module")
-def embedder(golden_dir):
-    from embedjob.model import load_embedder
-
-    return load_embedder(str(golden_dir))
 
 
 def test_sigkill_driver_after_a_commit_then_rerun_resumes_exactly_once(
@@ -141,7 +137,7 @@ def test_killed_encode_actor_is_restarted_and_nothing_is_lost(
     killed = threading.Event()
     threading.Thread(target=_kill_an_encode_actor, args=(killed,), daemon=True).start()
     with faults.injected(faults.ENCODE_DELAY_S, "0.3"):
-        summary = run(config)
+        summary = run(config, encoder=FaultyEncodeActor)
     assert killed.is_set(), "no encode actor was found alive to kill"
     assert summary.rows_embedded == len([r for r in rows if r["text"]])
     _check_exactly_once(s3_server, s3_prefix, rows, embedder)

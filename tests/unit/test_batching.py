@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from embedjob.stages.batching import padding_efficiency, plan_batches
-from embedjob.stages.bucket import bucket_window
+from embedjob.stages.bucket import BucketSpec, bucket_window
 from embedjob.stages.encode import batch_runs
 
 pytestmark = pytest.mark.unit
@@ -89,13 +89,14 @@ def _window(lengths, rejected=(), source="a.parquet"):
         "_source": pa.array([source] * n),
         "_row": pa.array(range(n), pa.int64()),
         "_id": pa.array(range(n)),
-        "_reject": pa.array(["bad" if i in rejected else None for i in range(n)], pa.string()),
+        "_status": pa.array([1 if i in rejected else 0 for i in range(n)], pa.int8()),
+        "_reason": pa.array(["bad" if i in rejected else None for i in range(n)], pa.string()),
         "n_tokens": pa.array(lengths, pa.int32()),
     })
 
 
 def test_bucket_sorts_window_and_marks_batches():
-    out = bucket_window(_window([9, 3, 5, 3, 7], rejected={2}), max_tokens=16, padded=True)
+    out = bucket_window(_window([9, 3, 5, 3, 7], rejected={2}), spec=BucketSpec(max_tokens=16))
     assert out.column("_id").to_pylist() == [1, 3, 4, 0, 2]
     # sorted lengths 3,3,7,9: [3,3] cost 6, 7 alone (3x7 = 21 > 16), 9 alone; rejected -1
     batch = out.column("_batch").to_numpy()
@@ -105,12 +106,12 @@ def test_bucket_sorts_window_and_marks_batches():
 
 
 def test_window_of_one_row():
-    out = bucket_window(_window([42]), max_tokens=10, padded=True)
+    out = bucket_window(_window([42]), spec=BucketSpec(max_tokens=10))
     assert out.column("_batch").to_numpy()[0] & 0xFFFFF == 0
 
 
 def test_two_windows_concatenated_keep_their_batches_apart():
-    first = bucket_window(_window([5, 5]), max_tokens=100, padded=True)
-    second = bucket_window(_window([5, 5], source="b.parquet"), max_tokens=100, padded=True)
+    first = bucket_window(_window([5, 5]), spec=BucketSpec(max_tokens=100))
+    second = bucket_window(_window([5, 5], source="b.parquet"), spec=BucketSpec(max_tokens=100))
     runs = batch_runs(pa.concat_tables([first, second]).column("_batch").to_numpy())
     assert [list(r) for r in runs] == [[0, 1], [2, 3]]

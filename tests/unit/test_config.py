@@ -5,7 +5,7 @@ import pytest
 from embedjob.cli import embed_config, main
 from embedjob.config import EmbedConfig
 from embedjob.errors import ConfigError
-from embedjob.storage import redacted, resolve_storage_options
+from embedjob.storage import Storage, redacted
 
 pytestmark = pytest.mark.unit
 
@@ -40,8 +40,8 @@ def test_yaml_config_and_flags_merge(tmp_path):
     )
     import argparse
 
-    args = argparse.Namespace(command="embed", config=str(path), max_tokens_per_batch=123,
-                              storage_option=["aws_region=eu-west-1"])
+    args = argparse.Namespace(command="embed", yaml_config=str(path), max_tokens_per_batch=123,
+                              storage_options=["aws_region=eu-west-1"])
     cfg = embed_config(args)
     assert (cfg.input, cfg.output, cfg.dims, cfg.max_tokens_per_batch) == (
         "in.jsonl", "out.lance", (64, 16), 123)
@@ -67,7 +67,7 @@ def test_secrets_are_not_in_repr_or_redacted_options(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
-    options = resolve_storage_options({"aws_region": "x"})
+    options = Storage.resolve({"aws_region": "x"}).options
     assert options["allow_http"] == "true" and options["aws_region"] == "x"
     shown = str(redacted(options))
     assert "s3cr3t-value" not in shown and "AKIAEXAMPLE" not in shown

@@ -7,37 +7,38 @@ from pathlib import Path
 import pytest
 
 from embedjob.driver.lease import Lease, OutputLockedError, lease_uri
+from embedjob.storage import Storage
 
 pytestmark = pytest.mark.unit
 
 
 def test_second_writer_is_refused_until_the_first_releases(tmp_path):
     output = str(tmp_path / "out.lance")
-    with Lease(output=output, ttl_s=30, storage_options={}) as first:
+    with Lease(output=output, ttl_s=30, storage=Storage()) as first:
         held = json.loads(Path(lease_uri(output)).read_text())
         assert held["owner"] == first.owner and held["expires_at"] > time.time() + 20
         with pytest.raises(OutputLockedError, match=r"out.lance' is being written by another "
                                                    r"run \(owner " + first.owner):
-            Lease(output=output, ttl_s=30, storage_options={}).__enter__()
-    with Lease(output=output, ttl_s=30, storage_options={}):  # released: free again
+            Lease(output=output, ttl_s=30, storage=Storage()).__enter__()
+    with Lease(output=output, ttl_s=30, storage=Storage()):  # released: free again
         pass
 
 
 def test_a_crashed_writers_lease_expires(tmp_path):
     output = str(tmp_path / "out.lance")
-    crashed = Lease(output=output, ttl_s=1.5, storage_options={})
+    crashed = Lease(output=output, ttl_s=1.5, storage=Storage())
     crashed.__enter__()
     crashed._stop.set()  # the process "died": no more renewals, no release
     with pytest.raises(OutputLockedError):
-        Lease(output=output, ttl_s=30, storage_options={}).__enter__()
+        Lease(output=output, ttl_s=30, storage=Storage()).__enter__()
     time.sleep(1.6)
-    with Lease(output=output, ttl_s=30, storage_options={}):
+    with Lease(output=output, ttl_s=30, storage=Storage()):
         pass
 
 
 def test_a_live_writer_keeps_renewing(tmp_path):
     output = str(tmp_path / "out.lance")
-    with Lease(output=output, ttl_s=1.2, storage_options={}):
+    with Lease(output=output, ttl_s=1.2, storage=Storage()):
         time.sleep(2.0)  # longer than the ttl: renewals keep it live
         with pytest.raises(OutputLockedError):
-            Lease(output=output, ttl_s=30, storage_options={}).__enter__()
+            Lease(output=output, ttl_s=30, storage=Storage()).__enter__()

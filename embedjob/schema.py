@@ -1,0 +1,181 @@
+"""The tables' vocabulary, declared once: column names, the row status, the output, rejected
+and write-result schemas, stamp keys, sibling-table names and the run counters.
+
+Adding a column or a counter touches this module only (and the stage that fills it).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import pyarrow as pa
+
+# --- columns that travel between stages (internal: never written as they are) -------------
+
+SOURCE = "_source"  # the input unit's file (or Lance dataset) the row came from
+ROW = "_row"  # the row's index in that file
+ID = "_id"  # the row's id, cast to the output id type
+TEXT = "_text"  # the text (null when not a string); dropped after tokenizing
+STATUS = "_status"  # int8 Status
+REASON = "_reason"  # why a row is rejected; null otherwise
+CHANGED = "_changed"  # refresh: the id exists in the output with another content hash
+INPUT_IDS = "input_ids"  # list<int32> token ids, prefix and special tokens included
+BATCH = "_batch"  # the forward a row belongs to (bucket stage); -1 for rows not encoded
+PROCESSED_TOKENS = "_processed_tokens"  # tokens the encoder processed for the row (padding)
+
+
+class Status(enum.IntEnum):
+    """What happens to a row; stored in ``STATUS`` as int8."""
+
+    EMBED = 0  # embedded and written to the output
+    REJECTED = 1  # set aside in the rejected table with its REASON
+    UNCHANGED = 2  # refresh: the output already holds this id with this content; counted only
+
+
+STATUS_TYPE = pa.int8()
+
+
+def status_array(statuses: list[Status] | list[int]) -> pa.Array:
+    """An int8 status column."""
+    return pa.array([int(s) for s in statuses], STATUS_TYPE)
+
+
+# --- the output table ---------------------------------------------------------------------
+
+OUT_ID = "id"
+VECTOR = "vector"  # the full-dim vector; every other stored dim d is vector_<d>
+N_TOKENS = "n_tokens"
+TRUNCATED = "truncated"
+CONTENT_HASH = "content_hash"
+SOURCE_FILE = "source_file"  # lineage: resume and refresh delete exactly a unit's rows
+SOURCE_ROW = "source_row"
+OUTPUT_COLUMNS: tuple[str, ...] = (VECTOR, N_TOKENS, TRUNCATED, CONTENT_HASH, SOURCE_FILE,
+                                   SOURCE_ROW)
+# output column -> the internal column it is written from
+LINEAGE: dict[str, str] = {OUT_ID: ID, SOURCE_FILE: SOURCE, SOURCE_ROW: ROW}
+VectorDtype = Literal["float32", "float16"]
+VECTOR_DTYPES: tuple[str, ...] = ("float32", "float16")
+
+
+def vector_column(dim: int, full_dim: int) -> str:
+    """``vector`` for the full dim, else ``vector_<dim>``."""
+    return VECTOR if dim == full_dim else f"{VECTOR}_{dim}"
+
+
+def is_vector_column(name: str) -> bool:
+    return name == VECTOR or name.startswith(VECTOR + "_")
+
+
+def vector_type(vector_dtype: str) -> pa.DataType:
+    return pa.float16() if vector_dtype == "float16" else pa.float32()
+
+
+def output_schema(id_type: pa.DataType, full_dim: int, dims: tuple[int, ...],
+                  vector_dtype: str, keep: list[pa.Field],
+                  metadata: Mapping[str, str]) -> pa.Schema:
+    """The output table's schema, stamped with ``metadata``; ``dims`` full dim first."""
+    value = vector_type(vector_dtype)
+    vectors = [pa.field(vector_column(d, full_dim), pa.list_(value, d))
+               for d in dict.fromkeys((full_dim, *dims))]
+    return pa.schema([
+        pa.field(OUT_ID, id_type),
+        *vectors,
+        pa.field(N_TOKENS, pa.int32()),
+        pa.field(TRUNCATED, pa.bool_()),
+        pa.field(CONTENT_HASH, pa.string()),
+        *keep,
+        pa.field(SOURCE_FILE, pa.string()),
+        pa.field(SOURCE_ROW, pa.int64()),
+    ], metadata=dict(metadata))
+
+
+# --- the rejected table -------------------------------------------------------------------
+
+REJECTED_SCHEMA = pa.schema([
+    pa.field("id", pa.string()),
+    pa.field("reason", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("row", pa.int64()),
+])
+REJECTED_SOURCE = "source"  # the rejected table's lineage column (resume deletes by it)
+
+
+# --- stamp: schema metadata saying what made the vectors ----------------------------------
+
+STAMP_PREFIX = "embedjob."
+MODEL_SOURCE = "embedjob.model_source"
+MODEL_REVISION = "embedjob.model_revision"
+WEIGHTS_HASH = "embedjob.weights_hash"
+TASK = "embedjob.task"
+INSTRUCTION = "embedjob.instruction"
+DIMS = "embedjob.dims"
+NORMALIZATION = "embedjob.normalization"
+VECTOR_DTYPE = "embedjob.vector_dtype"
+VERSION = "embedjob.version"
+CREATED_AT = "embedjob.created_at"
+# Keys that must match for old and new vectors to live in one table (refresh).
+COMPATIBILITY_KEYS: tuple[str, ...] = (WEIGHTS_HASH, TASK, INSTRUCTION, DIMS, VECTOR_DTYPE)
+# Table metadata (not schema metadata): the progress record and the last run's summary.
+PROGRESS_KEY = "embedjob.progress"
+LAST_RUN_KEY = "embedjob.last_run"
+
+
+def schema_metadata(schema: pa.Schema) -> dict[str, str]:
+    """A schema's metadata as str -> str."""
+    return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+
+
+# --- sibling tables and files beside an output ---------------------------------------------
+
+SiblingRole = Literal["rejected", "lease", "staging"]
+SIBLING_SUFFIXES: dict[str, str] = {
+    "rejected": ".rejected.lance",  # rows set aside, with their reasons
+    "lease": ".lease.json",  # who is writing the output, until when
+    "staging": ".staging.lance",  # a refresh's new and changed rows before the upsert
+}
+
+
+def sibling_uri(output: str, role: SiblingRole) -> str:
+    """``<output without .lance><suffix of role>``, e.g. ``out.lance`` -> ``out.rejected.lance``."""
+    base = output.rstrip("/")
+    return base.removesuffix(".lance") + SIBLING_SUFFIXES[role]
+
+
+# --- the run counters ------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Counts:
+    """Figures summed over every write-stage result; the summary reports each one."""
+
+    rows_embedded: int = 0
+    rows_rejected: int = 0
+    rows_unchanged: int = 0
+    rows_changed: int = 0
+    rows_truncated: int = 0
+    tokens: int = 0  # real tokens embedded (prefix and special tokens included)
+    processed_tokens: int = 0  # tokens the encoder processed (padding included)
+
+    def add(self, result: pa.Table) -> None:
+        """Add the counters of write-stage result rows (``RESULT_SCHEMA``)."""
+        for name in COUNTERS:
+            setattr(self, name, getattr(self, name) + sum(result.column(name).to_pylist()))
+
+    def counters(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in COUNTERS}
+
+
+COUNTERS: tuple[str, ...] = tuple(f.name for f in fields(Counts))
+
+# One row per write-stage call: the uncommitted fragments, the counters, and the rows written
+# per input unit (so the driver knows when a unit is wholly committed).
+RESULT_SCHEMA = pa.schema([
+    pa.field("main_fragments", pa.list_(pa.binary())),
+    pa.field("rejected_fragments", pa.list_(pa.binary())),
+    *(pa.field(name, pa.int64()) for name in COUNTERS),
+    pa.field("units", pa.list_(pa.string())),
+    pa.field("unit_rows", pa.list_(pa.int64())),
+])

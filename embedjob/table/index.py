@@ -1,0 +1,93 @@
+"""Vector indexes on an output table: cosine IVF_PQ or IVF_HNSW_SQ, defaults from rows and dim."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from embedjob.config import INDEX_TYPES
+from embedjob.errors import ConfigError
+from embedjob.storage import Storage
+from embedjob.table.search import METRIC, column_dim, open_table
+
+logger = logging.getLogger(__name__)
+
+# IVF_PQ trains 2^8 = 256 centroids per sub-vector codebook: fewer rows cannot train it,
+# and below this size a flat scan is exact and takes milliseconds anyway. Lance also trains
+# at most rows/256 IVF partitions (pylance 14 warns "training 19 of the 71 requested IVF
+# partitions" on 5,000 rows), so the default partitions are capped the same way.
+MIN_INDEX_ROWS = 256
+ROWS_PER_PARTITION_MIN = 256
+MAX_PARTITIONS = 4096
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexPlan:
+    """The parameters an index is built with (defaults derived from rows and dim)."""
+
+    column: str
+    index_type: str
+    metric: str
+    num_partitions: int
+    num_sub_vectors: int | None
+    rows: int
+    dim: int
+
+
+def index_defaults(rows: int, dim: int, index_type: str = "IVF_PQ",
+                   num_partitions: int | None = None,
+                   num_sub_vectors: int | None = None) -> tuple[int, int | None]:
+    """Default IVF partitions and PQ sub-vectors for a table of ``rows`` vectors of ``dim``.
+
+    Partitions: round(sqrt(rows)) (lance-ray's own default), at most rows/256 (what Lance
+    trains) and 4096. PQ sub-vectors: dim/16 when 16 divides dim,
+    else dim/8, dim/4, ... (Lance's SIMD path wants sub-vectors of 8 or 16 values).
+
+    Raises:
+        ConfigError: ``rows`` below MIN_INDEX_ROWS, an unknown index type, or
+            ``num_sub_vectors`` that does not divide ``dim``.
+    """
+    if index_type not in INDEX_TYPES:
+        raise ConfigError(f"index type {index_type!r} not in {list(INDEX_TYPES)}")
+    if rows < MIN_INDEX_ROWS:
+        raise ConfigError(
+            f"table has {rows} rows; a vector index needs at least {MIN_INDEX_ROWS} to train "
+            "(IVF centroids and 256-entry PQ codebooks); search without one is exact and fast "
+            "at this size"
+        )
+    cap = min(MAX_PARTITIONS, rows // ROWS_PER_PARTITION_MIN)
+    partitions = num_partitions or max(1, min(cap, round(math.sqrt(rows))))
+    if index_type != "IVF_PQ":
+        return partitions, None
+    if num_sub_vectors is None:
+        sub_dim = next(s for s in (16, 8, 4, 2, 1) if dim % s == 0)
+        num_sub_vectors = dim // sub_dim
+    if dim % num_sub_vectors:
+        raise ConfigError(f"num_sub_vectors {num_sub_vectors} must divide the column dim {dim}")
+    return partitions, num_sub_vectors
+
+
+def build_index(uri: str, *, column: str, index_type: str = "IVF_PQ",
+                num_partitions: int | None = None, num_sub_vectors: int | None = None,
+                storage: Storage | None = None) -> IndexPlan:
+    """Build (or replace) a cosine vector index on ``column`` of the table at ``uri``.
+
+    Returns:
+        The parameters used; the table gains a new version holding the index.
+    """
+    dataset = open_table(uri, storage)
+    dim = column_dim(dataset.schema, column)
+    rows = dataset.count_rows()
+    partitions, sub_vectors = index_defaults(rows, dim, index_type, num_partitions,
+                                             num_sub_vectors)
+    kwargs: dict[str, Any] = {"num_partitions": partitions}
+    if sub_vectors is not None:
+        kwargs["num_sub_vectors"] = sub_vectors
+    logger.info("building %s (%s) on %s of %s: %d rows, dim %d, %s", index_type, METRIC,
+                column, uri, rows, dim, kwargs)
+    dataset.create_index(column, index_type=index_type, metric=METRIC, replace=True,
+                         name=f"{column}_idx", **kwargs)
+    return IndexPlan(column=column, index_type=index_type, metric=METRIC,
+                     num_partitions=partitions, num_sub_vectors=sub_vectors, rows=rows, dim=dim)
