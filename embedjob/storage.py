@@ -42,9 +42,12 @@ SECRET_KEYS = frozenset({"aws_secret_access_key", "aws_session_token", "aws_acce
 # connections themselves; the project's own backoff only covers what a client cannot:
 # restarting a read after its last row, the lease, metadata commits).
 CLIENT_RETRIES = 10  # attempts per request: ~1 min of AWS standard backoff (capped at 20 s)
-# Lance (object_store): retries per request and the total time it may spend retrying one.
-LANCE_RETRY_OPTIONS: dict[str, str] = {"client_max_retries": str(CLIENT_RETRIES),
-                                       "client_retry_timeout": "180"}
+# Lance (object_store): retries per request, the time one request may spend retrying, and a
+# connect timeout. Lance wraps reads in retry loops of its own (a permanent 503 on a data file
+# costs ~16 x (retries + 1) requests), so its per-request retries stay lower than the others'.
+LANCE_RETRY_OPTIONS: dict[str, str] = {"client_max_retries": "3",
+                                       "client_retry_timeout": "60",
+                                       "connect_timeout": "10s"}
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,7 @@ def _s3fs(key: str) -> Any:
         secret=options.get("aws_secret_access_key"),
         token=options.get("aws_session_token"),
         client_kwargs=client_kwargs,
-        config_kwargs={"retries": {"max_attempts": CLIENT_RETRIES, "mode": "standard"}},
+        config_kwargs={"retries": {"total_max_attempts": CLIENT_RETRIES, "mode": "standard"}},
     )
 
 
