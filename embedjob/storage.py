@@ -41,6 +41,8 @@ SECRET_KEYS = frozenset({"aws_secret_access_key", "aws_session_token", "aws_acce
 # Request-level retries, configured in each client (they retry throttling, 5xx and dropped
 # connections themselves; the project's own backoff only covers what a client cannot:
 # restarting a read after its last row, the lease, metadata commits).
+PROBE_ATTEMPTS = 2  # the start-up reachability probe: fail fast on a wrong endpoint
+PROBE_CONNECT_TIMEOUT_S = 5.0
 CLIENT_RETRIES = 10  # attempts per request: ~1 min of AWS standard backoff (capped at 20 s)
 # Lance (object_store): retries per request, the time one request may spend retrying, and a
 # connect timeout. Lance wraps reads in retry loops of its own (a permanent 503 on a data file
@@ -150,7 +152,9 @@ class Storage:
             return
         bucket = strip_scheme(uri).split("/", 1)[0]
         try:
-            info = self.pyarrow_fs(uri).get_file_info(bucket)
+            # a client that gives up after PROBE_ATTEMPTS: a wrong endpoint fails in seconds,
+            # not after a minute of the data clients' backoff
+            info = _pyarrow_s3(_key(self.options), PROBE_ATTEMPTS).get_file_info(bucket)
         except OSError as exc:
             raise StorageError(f"cannot reach bucket {bucket!r} of {uri!r} at "
                                f"{self.endpoint_hint()}: {exc}") from exc
@@ -211,7 +215,7 @@ def _key(options: Mapping[str, str]) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _pyarrow_s3(key: str) -> pafs.S3FileSystem:
+def _pyarrow_s3(key: str, attempts: int = CLIENT_RETRIES) -> pafs.S3FileSystem:
     options = json.loads(key)
     endpoint = options.get("aws_endpoint")
     kwargs: dict[str, Any] = {
@@ -220,8 +224,10 @@ def _pyarrow_s3(key: str) -> pafs.S3FileSystem:
         "session_token": options.get("aws_session_token"),
         "region": options.get("aws_region"),
         # AWS SDK standard mode: retries throttling (503 SlowDown), 5xx and transport errors
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=CLIENT_RETRIES),
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
     }
+    if attempts < CLIENT_RETRIES:
+        kwargs["connect_timeout"] = PROBE_CONNECT_TIMEOUT_S
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or endpoint
