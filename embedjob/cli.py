@@ -24,14 +24,17 @@ from embedjob.config import (
     InfoOptions,
     PlanOptions,
     SearchOptions,
+    known_keys,
     load_yaml,
 )
-from embedjob.errors import ConfigError, EmbedError
+from embedjob.errors import BugError, ConfigError, EmbedError, did_you_mean, without_rust_paths
 from embedjob.storage import Storage, parse_storage_option
 
 logger = logging.getLogger("embedjob")
 PLAN_OUTPUT = "(plan writes nothing)"
 YAML_DEST = "yaml_config"  # where --config lands (bench has a field named config)
+LOG_DIR_ENV = "EMBEDJOB_LOG_DIR"  # where the log files go (default: <tmp>/embedjob)
+VERSION_DEPS = ("torch", "ray", "pylance", "lance-ray", "transformers", "peft", "pyarrow")
 DESCRIPTION = ("batch-embed a text corpus into Lance tables, refresh them nightly, search "
                "and evaluate them")
 
@@ -243,12 +246,59 @@ def commands() -> dict[str, Command]:
     }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and a guess for near misses."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}{self.guess(message)}; see "
+                     f"'{self.prog} --help'\n")
+
+    def guess(self, message: str) -> str:
+        """`` (did you mean ...)`` for a bad choice or an unknown flag."""
+        import re
+
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            return did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)))
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown and unknown.group(1).startswith("-"):
+            flags = [s for a in self._actions for s in a.option_strings]
+            return did_you_mean(unknown.group(1).split("=")[0], flags)
+        return ""
+
+
+class _Version(argparse.Action):
+    """``--version``: this package's version and the key dependencies' (from their metadata,
+    nothing imported)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version of embedjob and of its key dependencies")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        parser.exit(0, version_text() + "\n")
+
+
+def version_text() -> str:
+    """``embedjob X (torch A, ray B, pylance C, transformers D, ...)``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{d} {of(d)}" for d in VERSION_DEPS)
+    return f"embedjob {of('embedjob')} ({deps}; python {sys.version.split()[0]})"
+
+
 def parser(table: Mapping[str, Command] | None = None) -> argparse.ArgumentParser:
     """The whole ``embedjob`` argument parser."""
     table = table or commands()
-    top = argparse.ArgumentParser(prog="embedjob", description=DESCRIPTION,
-                                  allow_abbrev=False)
-    sub = top.add_subparsers(dest="command", required=True)
+    top = Parser(prog="embedjob", description=DESCRIPTION, allow_abbrev=False)
+    top.add_argument("--version", action=_Version)
+    sub = top.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, command in table.items():
         p = sub.add_parser(name, help=command.help, description=command.help,
                            argument_default=argparse.SUPPRESS, allow_abbrev=False)
@@ -267,11 +317,7 @@ def configs_from(args: argparse.Namespace, command: Command, name: str) -> list[
     merged = load_yaml(values.pop(YAML_DEST)) if YAML_DEST in values else {}
     if merged:
         allowed = {f.name for cls in command.options for f in options_of(cls, name)}
-        normalized = {str(k).replace("-", "_"): v for k, v in merged.items()}
-        unknown = sorted(set(normalized) - allowed)
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; allowed: {sorted(allowed)}")
-        merged = normalized
+        merged = known_keys(merged, allowed)
     merged.update(values)
     # plan reads an EmbedConfig but writes nothing: it has no --output
     fixed = {"output": PLAN_OUTPUT} if name == "plan" else {}
@@ -285,19 +331,80 @@ def embed_config(args: argparse.Namespace, name: str = "embed") -> EmbedConfig:
 
 
 def main(argv: list[str] | None = None, *, table: Mapping[str, Command] | None = None) -> int:
-    """The CLI; ``table`` replaces the subcommand table (tests wrap a command)."""
+    """The CLI; ``table`` replaces the subcommand table (tests wrap a command).
+
+    Returns:
+        0 on success; 2 for a user error (a bad flag, value, input or output: one line naming
+        the flag and what is allowed); 1 for a failure at run time (one line and the log
+        file that holds the details); 130 when interrupted.
+    """
     table = table or commands()
-    args = parser(table).parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    top = parser(table)
+    args, extra = top.parse_known_args(argv)
+    if extra:  # an unknown flag is reported by its subcommand, which knows the near misses
+        subcommand = top._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
+        subcommand.error(f"unrecognized arguments: {' '.join(extra)}")
     command = table[args.command]
     try:
-        command.run(*configs_from(args, command, args.command))
+        configs = configs_from(args, command, args.command)
     except EmbedError as exc:
-        print(f"embedjob: error: {exc}", file=sys.stderr)
-        return 2
+        return _user_error(exc)
+    log_path = _setup_logging(args.command)
+    try:
+        command.run(*configs)
+    except KeyboardInterrupt:
+        print(f"embedjob: interrupted (log: {log_path})", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        _log_traceback(log_path)
+        if isinstance(exc, EmbedError) and not isinstance(exc, BugError):
+            return _user_error(exc)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"embedjob: {args.command} failed: {type(exc).__name__}: "
+              f"{without_rust_paths(first)} (details: {log_path})", file=sys.stderr)
+        return 1
     return 0
+
+
+def _log_traceback(path: str) -> None:
+    """The current exception's traceback, into the log file only (the terminal gets one line)."""
+    import traceback
+
+    with open(path, "a", encoding="utf-8") as handle:
+        traceback.print_exc(file=handle)
+
+
+def _user_error(exc: EmbedError) -> int:
+    text = " ".join(without_rust_paths(str(exc)).split())  # one line, whatever it wrapped
+    print(f"embedjob: error: {text}", file=sys.stderr)
+    return 2
+
+
+def _setup_logging(command: str) -> str:
+    """Log INFO and up to stderr and everything to a log file; returns the file's path."""
+    import os
+    import tempfile
+    import time
+
+    folder = os.environ.get(LOG_DIR_ENV) or os.path.join(tempfile.gettempdir(), "embedjob")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    form = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(form)
+    to_file.setLevel(logging.DEBUG)
+    to_stderr = logging.StreamHandler()
+    to_stderr.setFormatter(form)
+    to_stderr.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for old in [h for h in root.handlers if getattr(h, "embedjob", False)]:  # an earlier main()
+        root.removeHandler(old)
+        old.close()
+    for handler in (to_file, to_stderr):
+        handler.embedjob = True
+        root.addHandler(handler)
+    return path
 
 
 def _how_to_read(output: str) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from embedjob import schema as S
-from embedjob.errors import ConfigError
+from embedjob.errors import ConfigError, did_you_mean
 
 Format = Literal["parquet", "jsonl", "csv", "lance"]
 FORMATS: tuple[str, ...] = ("parquet", "jsonl", "csv", "lance")
@@ -195,7 +195,7 @@ class EmbedConfig:
             _require(_is_int(dim) and dim > 0, "dims", self.dims, "positive integers")
         _require(len(set(self.dims)) == len(self.dims), "dims", self.dims, "distinct values")
         _require(self.id_column != self.text_column, "id_column", self.id_column,
-                 f"a column other than text_column {self.text_column!r}")
+                 f"a column other than --text-column {self.text_column!r}")
         reserved = set(S.OUTPUT_COLUMNS) | {self.id_column}
         clash = [c for c in self.keep_columns if c in reserved or S.is_vector_column(c)]
         _require(not clash, "keep_columns", list(self.keep_columns),
@@ -255,12 +255,34 @@ class PlanOptions:
 
 def _known(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` with ``-`` keys normalized; unknown keys refused, naming the allowed ones."""
-    allowed = {f.name for f in dataclasses.fields(cls)}
+    return known_keys(values, {f.name for f in dataclasses.fields(cls)})
+
+
+def known_keys(values: Mapping[str, Any], allowed: set[str]) -> dict[str, Any]:
+    """``values`` with ``-`` keys normalized to ``_``.
+
+    Raises:
+        ConfigError: on an unknown key: the allowed keys, and the nearest one as a guess.
+    """
     normalized = {str(k).replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(normalized) - allowed)
     if unknown:
-        raise ConfigError(f"unknown config keys {unknown}; allowed: {sorted(allowed)}")
+        raise ConfigError(f"unknown config keys {unknown}{did_you_mean(unknown[0], allowed)}; "
+                          f"allowed: {sorted(allowed)}")
     return normalized
+
+
+def flag_for(name: str) -> str:
+    """The command-line flag of the option field ``name`` (messages name flags, which is what a
+    user typed; a YAML key or a Python keyword is the same name with ``_``)."""
+    for cls in (EmbedConfig, PlanOptions, CompactOptions, InfoOptions, IndexOptions,
+                SearchOptions):
+        found = {f.name: f for f in dataclasses.fields(cls)}.get(name)
+        if found is not None:
+            if found.metadata.get("positional"):
+                return found.metadata.get("metavar") or name.upper()
+            return found.metadata.get("flag") or "--" + name.replace("_", "-")
+    return "--" + name.replace("_", "-")
 
 
 def as_tuple(key: str, value: Any) -> tuple:
@@ -271,12 +293,13 @@ def as_tuple(key: str, value: Any) -> tuple:
     elif isinstance(value, list | tuple):
         items = list(value)
     else:
-        raise ConfigError(f"{key} {value!r} must be a list or a comma-separated string")
+        raise ConfigError(f"{flag_for(key)} {value!r} must be a list or a comma-separated "
+                          "string")
     if key == "dims":
         try:
             return tuple(int(v) for v in items)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"dims {value!r} must be integers, e.g. 1024,256,64") from exc
+            raise ConfigError(f"--dims {value!r} must be integers, e.g. 1024,256,64") from exc
     return tuple(str(v) for v in items)
 
 
@@ -287,7 +310,8 @@ def _is_int(value: Any) -> bool:
 def _require(ok: bool, name: str, value: Any, allowed: Any) -> None:
     if not ok:
         shown = list(allowed) if isinstance(allowed, tuple) else allowed
-        raise ConfigError(f"{name} {value!r} is not allowed; expected {shown}")
+        guess = did_you_mean(value, allowed) if isinstance(allowed, tuple) else ""
+        raise ConfigError(f"{flag_for(name)} {value!r} is not allowed{guess}; expected {shown}")
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -295,11 +319,16 @@ def load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
+        raise ConfigError(f"--config file {path!r} does not exist")
     with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
+        try:
+            data = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            raise ConfigError(f"--config file {path!r} is not valid YAML{line}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of option: value")
+        raise ConfigError(f"--config file {path!r} must hold a mapping of option: value")
     return data
 
 

@@ -17,6 +17,16 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def did_you_mean(value: object, allowed: object) -> str:
+    """`` (did you mean 'x'?)`` for the allowed value nearest ``value``; '' when none is near."""
+    import difflib
+
+    choices = [str(a) for a in allowed]
+    near = [c for c in choices if str(value) and c.startswith(str(value))]  # a cut-off name
+    near = near or difflib.get_close_matches(str(value), choices, n=1, cutoff=0.75)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
 class EmbedError(Exception):
     """Base of every error this project raises on purpose."""
 
@@ -82,6 +92,22 @@ class CorruptInputError(InputError):
 
 class TransientGiveUpError(StorageError):
     """A transient storage error outlasted the retry budget; the message says for how long."""
+
+
+def lance_open_error(uri: str, exc: BaseException) -> StorageError:
+    """One line for a Lance table that cannot be opened: "no Lance table at ..." when there is
+    none, else Lance's message without its Rust source locations (``uri`` shown as given)."""
+    text = str(exc)
+    if "not found" in text.lower():
+        return StorageError(f"no Lance table at {uri!r}")
+    return StorageError(f"cannot open Lance table {uri!r}: {without_rust_paths(text)}")
+
+
+def without_rust_paths(text: str) -> str:
+    """``text`` without the ``, /.../file.rs:12:34`` locations Lance appends to its errors."""
+    import re
+
+    return re.sub(r",?\s*\S*\.rs:\d+:\d+", "", text).strip()
 
 
 # Errors worth a retry with backoff, each transient for the reason given.

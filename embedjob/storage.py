@@ -295,7 +295,7 @@ def _list_local(uri: str, suffixes: tuple[str, ...]) -> list[str]:
     return sorted(f for f in found if f.endswith(suffixes))
 
 
-def validate_output_uri(uri: str, *, input_uri: str | None = None, label: str = "output") -> str:
+def validate_output_uri(uri: str, *, input_uri: str | None = None, label: str = "--output") -> str:
     """Check that a location the job writes to is exactly where the user pointed.
 
     Rules: a local path or ``s3://bucket/key`` (no other scheme); no backslashes or control

@@ -63,14 +63,14 @@ def plan_run(config: EmbedConfig) -> RunPlan:
     fmt = config.input_format
     st.validate_output_uri(config.output, input_uri=config.input)
     st.validate_output_uri(config.rejected_uri, input_uri=config.input,
-                           label="rejected_output")
+                           label="--rejected-output")
     storage.check_reachable(config.input)
     for uri in (config.output, config.rejected_uri):
         storage.check_writable(uri)
     units = read.list_units(config.input, fmt, storage)
     if not units:
         raise InputError(
-            f"input {config.input!r} matched no {fmt} files "
+            f"--input {config.input!r} matched no {fmt} files "
             f"(looked for names ending in {list(read.SUFFIXES[fmt])})"
         )
     spec, task, dims = model_plan(config, storage)
@@ -163,12 +163,13 @@ def read_spec_for(
             break
     names = schema.names
     if names:
-        for label, column in (("id_column", config.id_column), ("text_column", config.text_column)):
+        for label, column in (("--id-column", config.id_column),
+                              ("--text-column", config.text_column)):
             if column not in names:
                 raise ConfigError(f"{label} {column!r} not in the input's columns {names}")
     missing = [c for c in config.keep_columns if c not in names]
     if missing:
-        raise ConfigError(f"keep_columns {missing} not in the input's columns {names}")
+        raise ConfigError(f"--keep-columns {missing} not in the input's columns {names}")
     id_type = _id_type(schema.field(config.id_column).type if names else pa.string())
     keep_fields = [pa.field(c, _plain(schema.field(c).type)) for c in config.keep_columns]
     spec = read.ReadSpec(

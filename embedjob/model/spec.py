@@ -15,7 +15,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from embedjob.errors import BugError, CheckpointError, UnknownTaskError, UnsupportedDimError
+from embedjob.errors import (
+    BugError,
+    CheckpointError,
+    UnknownTaskError,
+    UnsupportedDimError,
+    did_you_mean,
+)
 from embedjob.model import generic
 from embedjob.model.source import ResolvedSource, resolve
 from embedjob.model.tasks import JINA_DEFAULT_TASK, JINA_V3_DEFAULTS, TASK_ADAPTERS
@@ -93,7 +99,11 @@ class ModelSpec:
     def check_task(self, task: str | None) -> None:
         """Raise UnknownTaskError unless ``task`` is None (no adapter) or one of ``tasks``."""
         if task is not None and task not in self.tasks:
-            raise UnknownTaskError(f"task {task!r} not in {list(self.tasks)} (or None)")
+            if not self.tasks:
+                raise UnknownTaskError(f"task {task!r} not offered: this model has no tasks "
+                                       "(no adapters); leave --task out")
+            raise UnknownTaskError(f"task {task!r} not in {list(self.tasks)}"
+                                   f"{did_you_mean(task, self.tasks)}")
 
     def check_dim(self, dim: int | None) -> None:
         """Raise UnsupportedDimError unless ``dim`` is None (full) or a Matryoshka dim."""

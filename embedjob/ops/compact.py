@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import lance
 
+from embedjob.errors import StorageError
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ def compact(
     """Compact ``output``, clean up versions older than ``retain_days`` and orphaned files."""
     from embedjob.driver.lease import Lease
 
+    if not storage.lance_exists(output):
+        raise StorageError(f"no Lance table at {output!r}")
     with Lease(output=output, ttl_s=120.0, storage=storage):
         return compact_unlocked(output, storage, retain_days, target_rows_per_fragment)
 

@@ -81,7 +81,7 @@ def size_job(config: EmbedConfig, *, sample_rows: int = 20000,
     if not units:
         from embedjob.errors import InputError
 
-        raise InputError(f"input {config.input!r} matched no {fmt} files")
+        raise InputError(f"--input {config.input!r} matched no {fmt} files")
     spec, task, dims = model_plan(config, storage)
     read_spec, _ = read_spec_for(config, fmt, units, storage)
     texts, sampled_units = _sample_texts(units[:SAMPLE_FILES], read_spec, sample_rows)

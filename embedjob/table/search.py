@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from embedjob import schema as S
-from embedjob.errors import ConfigError, StorageError
+from embedjob.errors import ConfigError, lance_open_error
 from embedjob.model.tasks import QUERY_TASKS
 from embedjob.storage import Storage
 
@@ -98,7 +98,7 @@ def open_table(uri: str, storage: Storage | None = None, version: int | None = N
     try:
         return (storage or Storage.resolve()).open_lance(uri, version=version)
     except (OSError, ValueError) as exc:
-        raise StorageError(f"cannot open Lance table {uri!r}: {exc}") from exc
+        raise lance_open_error(uri, exc) from exc
 
 
 def check_query_model(spec: Any, stamp: Stamp, dim: int) -> None:

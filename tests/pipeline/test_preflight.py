@@ -67,7 +67,8 @@ def test_empty_input_directory(tmp_path, golden_dir, no_model_load):
 
 
 def test_missing_text_column_lists_columns(corpus, tmp_path, golden_dir, no_model_load):
-    with pytest.raises(ConfigError, match=r"text_column 'body' not in .*\['id', 'text', 'lang'\]"):
+    with pytest.raises(ConfigError,
+                       match=r"--text-column 'body' not in .*\['id', 'text', 'lang'\]"):
         run(_config(corpus, tmp_path, golden_dir, text_column="body"))
 
 

@@ -11,7 +11,8 @@ pytestmark = pytest.mark.unit
 
 
 def test_unknown_keys_are_rejected_with_the_allowed_list():
-    with pytest.raises(ConfigError, match=r"unknown config keys \['max_tokens'\]; allowed: .*"
+    with pytest.raises(ConfigError, match=r"unknown config keys \['max_tokens'\] \(did you mean "
+                                          r"'max_tokens_per_batch'\?\); allowed: .*"
                                           r"'max_tokens_per_batch'"):
         EmbedConfig.from_mapping({"input": "a.parquet", "output": "o.lance", "max_tokens": 5})
 
@@ -19,13 +20,14 @@ def test_unknown_keys_are_rejected_with_the_allowed_list():
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("mode", "replace", r"mode 'replace' is not allowed; expected \['create', 'overwrite'"),
-        ("vector_dtype", "int8", r"vector_dtype 'int8' .* \['float32', 'float16'\]"),
-        ("format", "xml", r"format 'xml' .* \['parquet', 'jsonl', 'csv', 'lance'\]"),
-        ("max_tokens_per_batch", 0, r"max_tokens_per_batch 0 .* an integer >= 1"),
-        ("gpus_per_actor", -1, r"gpus_per_actor -1 .* >= 0"),
-        ("dims", "64,64", r"dims \(64, 64\) .* distinct"),
-        ("keep_columns", "vector", r"keep_columns \['vector'\]"),
+        ("mode", "replace", r"--mode 'replace' is not allowed; expected \['create', 'overwrite'"),
+        ("mode", "apend", r"--mode 'apend' is not allowed \(did you mean 'append'\?\)"),
+        ("vector_dtype", "int8", r"--vector-dtype 'int8' .* \['float32', 'float16'\]"),
+        ("format", "xml", r"--format 'xml' .* \['parquet', 'jsonl', 'csv', 'lance'\]"),
+        ("max_tokens_per_batch", 0, r"--max-tokens-per-batch 0 .* an integer >= 1"),
+        ("gpus_per_actor", -1, r"--gpus-per-actor -1 .* >= 0"),
+        ("dims", "64,64", r"--dims \(64, 64\) .* distinct"),
+        ("keep_columns", "vector", r"--keep-columns \['vector'\]"),
     ],
 )
 def test_bad_values_name_value_and_allowed(key, value, message):
@@ -54,7 +56,8 @@ def test_yaml_unknown_key_fails_in_cli(tmp_path, capsys):
     path = tmp_path / "job.yaml"
     path.write_text("input: a.parquet\noutput: o.lance\nbatch: 3\n")
     assert main(["embed", "--config", str(path)]) == 2
-    assert "unknown config keys ['batch']; allowed:" in capsys.readouterr().err
+    assert ("unknown config keys ['batch'] (did you mean 'batch_overhead_tokens'?); allowed:"
+            in capsys.readouterr().err)
 
 
 def test_format_cannot_be_inferred():
