@@ -35,8 +35,19 @@ PLAN_OUTPUT = "(plan writes nothing)"
 YAML_DEST = "yaml_config"  # where --config lands (bench has a field named config)
 LOG_DIR_ENV = "EMBEDJOB_LOG_DIR"  # where the log files go (default: <tmp>/embedjob)
 VERSION_DEPS = ("torch", "ray", "pylance", "lance-ray", "transformers", "peft", "pyarrow")
-DESCRIPTION = ("batch-embed a text corpus into Lance tables, refresh them nightly, search "
-               "and evaluate them")
+DESCRIPTION = """\
+Embed a text corpus (Parquet, JSON lines, CSV or Lance; local or s3://) into a Lance table
+of vectors with a transformer embedding model (jina-embeddings-v3 by default), on one machine
+or a Ray cluster. Runs resume where they stopped; `refresh` re-embeds only what changed;
+`search`, `info` and `eval` read the result."""
+EPILOG = """\
+start here:
+  embedjob plan --input corpus.parquet --model sentence-transformers/all-MiniLM-L6-v2
+  embedjob embed --input corpus.parquet --output vectors.lance \\
+      --model sentence-transformers/all-MiniLM-L6-v2 --keep-columns text
+  embedjob search vectors.lance "what the query is about" -k 5 --show text
+
+`embedjob COMMAND --help` lists a command's options, each with its default."""
 
 
 # --- flags from dataclass fields ------------------------------------------------------------
@@ -59,7 +70,7 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any)
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     help_text = meta["help"] + _default_note(f, required, kind)
     if meta.get("positional"):
-        parser.add_argument(f.name, help=help_text, metavar=meta.get("metavar"))
+        parser.add_argument(f.name, help=help_text, metavar=meta.get("metavar") or f.name.upper())
         return
     kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
     if kind is bool:
@@ -88,12 +99,14 @@ def _kind(hint: Any) -> tuple[type, list | None]:
 
 def _default_note(f: dataclasses.Field, required: bool, kind: type) -> str:
     if required:
-        return " (required)"
-    if kind is bool or f.default_factory is not dataclasses.MISSING:
+        return " (required)" if f.metadata.get("positional") else " (required; or in --config)"
+    if "default" in f.metadata["help"]:  # the help says what the default is
         return ""
+    if kind is bool:
+        return " (default: off)"
     default = f.default
-    if default in (None, ()):
-        return ""
+    if f.default_factory is not dataclasses.MISSING or default in (None, ()):
+        return " (default: none)"
     shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
     return f" (default: {shown})"
 
@@ -141,6 +154,7 @@ class Command:
     options: tuple[type, ...]
     run: Callable[..., int | None]
     yaml: bool = False  # takes --config job.yaml (keys = the options' fields)
+    examples: tuple[str, ...] = ()  # command lines that work, shown at the end of --help
 
 
 def _embed(config: EmbedConfig) -> None:
@@ -225,24 +239,59 @@ def commands() -> dict[str, Command]:
     from embedjob.table.eval import EvalConfig
 
     return {
-        "embed": Command("embed a corpus into a Lance table", (EmbedConfig,), _embed, True),
+        "embed": Command("embed a corpus into a Lance table", (EmbedConfig,), _embed, True, (
+            "embedjob embed --input corpus.parquet --output vectors.lance "
+            "--model sentence-transformers/all-MiniLM-L6-v2 --keep-columns text",
+            "embedjob embed --input 's3://corpus/docs/*.parquet' --output "
+            "s3://vectors/docs.lance --dims 1024,256 --num-actors 8 --gpus-per-actor 1",
+            "embedjob embed --config job.yaml --mode overwrite",
+        )),
         "refresh": Command("re-embed only new and changed rows, delete gone ones",
-                           (EmbedConfig,), _refresh, True),
+                           (EmbedConfig,), _refresh, True, (
+            "embedjob refresh --input s3://corpus/docs/ --format parquet --output "
+            "s3://vectors/docs.lance",
+            "embedjob refresh --config job.yaml --retain-days 7",
+        )),
         "plan": Command("size a job from a sample of its input (rows, tokens, bytes, "
-                        "GPU-hours)", (EmbedConfig, PlanOptions), _plan, True),
+                        "GPU-hours)", (EmbedConfig, PlanOptions), _plan, True, (
+            "embedjob plan --input 's3://corpus/docs/*.parquet' --num-actors 8",
+            "embedjob plan --config job.yaml --sample-rows 50000 --tokens-per-s 120000",
+        )),
         "compact": Command("compact small fragments and drop old table versions",
-                           (CompactOptions,), _compact),
+                           (CompactOptions,), _compact, examples=(
+            "embedjob compact vectors.lance",
+            "embedjob compact s3://vectors/docs.lance --retain-days 3",
+        )),
         "bench": Command("benchmark: this pipeline vs the naive Ray Data recipe vs the "
                          "model-only bound (last line: one JSON object)", (BenchConfig,),
-                         _bench),
+                         _bench, examples=(
+            "embedjob bench",
+            "embedjob bench --rows 400 --runs pipeline,model_only --workdir bench_out",
+            "embedjob bench --device cuda --model-config full --scaling",
+        )),
         "info": Command("rows, versions, stamp, bytes per column, rejected rows, last run of "
-                        "an output table", (InfoOptions,), _info),
+                        "an output table", (InfoOptions,), _info, examples=(
+            "embedjob info demo_out/udhr.lance",
+            "embedjob info s3://vectors/docs.lance --json",
+        )),
         "index": Command("build a cosine vector index on a vector column", (IndexOptions,),
-                         _index),
+                         _index, examples=(
+            "embedjob index s3://vectors/docs.lance",
+            "embedjob index s3://vectors/docs.lance --column vector_256 --type IVF_HNSW_SQ",
+        )),
         "search": Command("embed a query as the table's queries are meant to be embedded and "
-                          "print the nearest rows", (SearchOptions,), _search),
+                          "print the nearest rows", (SearchOptions,), _search, examples=(
+            'embedjob search demo_out/udhr.lance "Everyone has the right to life, liberty '
+            'and security of person." -k 3 --show lang,article',
+            'embedjob search s3://vectors/docs.lance "battery recycling" --column vector_256 '
+            '-k 20',
+        )),
         "eval": Command("retrieval quality of every vector column on real data (eval.json + "
-                        "eval.png)", (EvalConfig,), _eval),
+                        "eval.png)", (EvalConfig,), _eval, examples=(
+            "embedjob eval --dataset lee --model tests/data/jina-v3-tiny --output-dir out/tiny",
+            "embedjob eval --dataset lee,udhr --model jinaai/jina-embeddings-v3 --dims 1024,64 "
+            "--output-dir out/jina",
+        )),
     }
 
 
@@ -296,15 +345,21 @@ def version_text() -> str:
 def parser(table: Mapping[str, Command] | None = None) -> argparse.ArgumentParser:
     """The whole ``embedjob`` argument parser."""
     table = table or commands()
-    top = Parser(prog="embedjob", description=DESCRIPTION, allow_abbrev=False)
+    top = Parser(prog="embedjob", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--version", action=_Version)
-    sub = top.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = top.add_subparsers(dest="command", required=True, parser_class=Parser,
+                             metavar="COMMAND", title="commands")
     for name, command in table.items():
+        examples = "\n".join(f"  {line}" for line in command.examples)
         p = sub.add_parser(name, help=command.help, description=command.help,
+                           epilog=f"examples:\n{examples}" if examples else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
                            argument_default=argparse.SUPPRESS, allow_abbrev=False)
         if command.yaml:
-            p.add_argument("--config", dest=YAML_DEST, help="YAML file whose keys are these "
-                           "options (- or _); flags override it")
+            p.add_argument("--config", dest=YAML_DEST, metavar="JOB.YAML",
+                           help="YAML file whose keys are these options (- or _); flags "
+                                "override it (default: none)")
         for cls in command.options:
             add_options(p, cls, name)
     return top
