@@ -53,6 +53,27 @@ LANCE_RETRY_OPTIONS: dict[str, str] = {"client_max_retries": "3",
 
 
 @dataclass(frozen=True)
+class Listed:
+    """One input file as its listing returned it.
+
+    Attributes:
+        uri: Full URI.
+        size: Bytes.
+        fingerprint: ``size:mtime_ns`` (or ``size:etag`` for an S3 glob): a changed file
+            has another one.
+    """
+
+    uri: str
+    size: int
+    fingerprint: str
+
+
+def _listed(uri: str, info: pafs.FileInfo) -> Listed:
+    mtime = info.mtime_ns if info.mtime_ns is not None else ""
+    return Listed(uri, int(info.size or 0), f"{info.size}:{mtime}")
+
+
+@dataclass(frozen=True)
 class Storage:
     """The resolved storage options and the clients they make.
 
@@ -106,8 +127,17 @@ class Storage:
         return lance.dataset(uri, version=version, storage_options=self.lance_options())
 
     def open_input(self, uri: str) -> Any:
-        """A random-access pyarrow input file."""
+        """A random-access pyarrow input file (on S3 its open is a HEAD for the size)."""
         return self.pyarrow_fs(uri).open_input_file(strip_scheme(uri))
+
+    def read_range(self, uri: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a file in one ranged GET (no HEAD: the caller knows
+        the size from the listing)."""
+        if is_s3(uri):
+            return self.fsspec(uri).cat_file(strip_scheme(uri), start=start, end=end)
+        with open(uri, "rb") as handle:
+            handle.seek(start)
+            return handle.read(end - start)
 
     # --- checks and listings -------------------------------------------------------------
 
@@ -121,30 +151,37 @@ class Storage:
             raise StorageError(f"cannot check output {uri!r}: {exc}") from exc
         return len(info) > 0
 
-    def list_files(self, uri: str, suffixes: tuple[str, ...]) -> list[str]:
+    def list_files(self, uri: str, suffixes: tuple[str, ...]) -> list[Listed]:
         """Files named by ``uri``: one file, every matching file under a directory/prefix,
         or a glob. Full URIs (``s3://...`` or absolute local paths), sorted, so that a rerun
-        sees the same order."""
+        sees the same order. Sizes and fingerprints come from the listing itself (S3:
+        ListObjectsV2 pages), never from one request per file."""
         if not is_s3(uri):
             return _list_local(uri, suffixes)
-        fs = self.pyarrow_fs(uri)
         path = strip_scheme(uri)
         try:
-            if any(ch in path for ch in "*?["):
-                found = ["s3://" + p for p in self.fsspec(uri).glob(path)]
-            else:
-                info = fs.get_file_info(path)
-                if info.type == pafs.FileType.File:
-                    return [uri]
-                if info.type == pafs.FileType.NotFound:
-                    return []
-                selector = pafs.FileSelector(path, recursive=True)
-                found = ["s3://" + i.path for i in fs.get_file_info(selector)
-                         if i.type == pafs.FileType.File]
+            found = self._list_s3(path)
         except OSError as exc:
             raise StorageError(
                 f"cannot list input {uri!r} at {self.endpoint_hint()}: {exc}") from exc
-        return sorted(f for f in found if f.endswith(suffixes))
+        return sorted((f for f in found if f.uri.endswith(suffixes)), key=lambda f: f.uri)
+
+    def _list_s3(self, path: str) -> list[Listed]:
+        if any(ch in path for ch in "*?["):
+            # s3fs lists the glob's base prefix once and matches locally; ETag from the page
+            matches = self.fsspec("s3://" + path).glob(path, detail=True)
+            return [Listed("s3://" + p, int(i.get("size") or 0),
+                           f"{i.get('size')}:{str(i.get('ETag', '')).strip(chr(34))}")
+                    for p, i in matches.items() if i.get("type") != "directory"]
+        fs = self.pyarrow_fs("s3://" + path)
+        info = fs.get_file_info(path)  # one request for the input itself, not per file
+        if info.type == pafs.FileType.File:
+            return [_listed("s3://" + path, info)]
+        if info.type == pafs.FileType.NotFound:
+            return []
+        selector = pafs.FileSelector(path, recursive=True)
+        return [_listed("s3://" + i.path, i) for i in fs.get_file_info(selector)
+                if i.type == pafs.FileType.File]
 
     def check_reachable(self, uri: str) -> None:
         """Fail early when the bucket of an ``s3://`` URI cannot be reached or is missing."""
@@ -181,22 +218,6 @@ class Storage:
         except OSError as exc:
             where = f" at {self.endpoint_hint()}" if is_s3(uri) else ""
             raise StorageError(f"cannot write to the location of {uri!r}{where}: {exc}") from exc
-
-    def file_fingerprints(self, uris: list[str]) -> dict[str, str]:
-        """``size:mtime`` of each file (Lance fragments: ``fragment``), to notice changes."""
-        files = [u for u in uris if "#" not in u]
-        found: dict[str, str] = {u: "fragment" for u in uris if "#" in u}
-        if files:
-            infos = self.pyarrow_fs(files[0]).get_file_info([strip_scheme(u) for u in files])
-            for uri, info in zip(files, infos, strict=True):
-                mtime = info.mtime_ns if info.mtime_ns is not None else ""
-                found[uri] = f"{info.size}:{mtime}"
-        return found
-
-    def file_sizes(self, uris: list[str]) -> dict[str, int]:
-        """Size in bytes of each file."""
-        infos = self.pyarrow_fs(uris[0]).get_file_info([strip_scheme(u) for u in uris])
-        return {u: int(i.size or 0) for u, i in zip(uris, infos, strict=True)}
 
     def remove_tree(self, uri: str) -> None:
         """Delete a directory / prefix and everything under it (missing is fine)."""
@@ -282,17 +303,21 @@ def strip_scheme(uri: str) -> str:
     return uri.split("://", 1)[1] if is_s3(uri) else os.path.abspath(uri)
 
 
-def _list_local(uri: str, suffixes: tuple[str, ...]) -> list[str]:
+def _list_local(uri: str, suffixes: tuple[str, ...]) -> list[Listed]:
     if any(ch in uri for ch in "*?["):
         found = [os.path.abspath(p) for p in glob.glob(uri, recursive=True) if os.path.isfile(p)]
     elif os.path.isfile(uri):
-        return [os.path.abspath(uri)]
+        found = [os.path.abspath(uri)]
     elif os.path.isdir(uri):
         found = [os.path.join(root, name) for root, _, names in os.walk(os.path.abspath(uri))
                  for name in names]
     else:
         return []
-    return sorted(f for f in found if f.endswith(suffixes))
+    listed = []
+    for path in sorted(f for f in found if f.endswith(suffixes)):
+        stat = os.stat(path)
+        listed.append(Listed(path, stat.st_size, f"{stat.st_size}:{stat.st_mtime_ns}"))
+    return listed
 
 
 def validate_output_uri(uri: str, *, input_uri: str | None = None, label: str = "--output") -> str:

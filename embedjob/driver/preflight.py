@@ -67,19 +67,20 @@ def plan_run(config: EmbedConfig) -> RunPlan:
     storage.check_reachable(config.input)
     for uri in (config.output, config.rejected_uri):
         storage.check_writable(uri)
-    units = read.list_units(config.input, fmt, storage)
-    if not units:
+    inputs = read.list_inputs(config.input, fmt, storage)
+    if not inputs:
         raise InputError(
             f"--input {config.input!r} matched no {fmt} files "
             f"(looked for names ending in {list(read.SUFFIXES[fmt])})"
         )
     spec, task, dims = model_plan(config, storage)
-    read_spec, keep_fields = read_spec_for(config, fmt, units, storage)
+    read_spec, keep_fields = read_spec_for(config, fmt, inputs, storage)
+    units = [i.uri for i in inputs]
     key = run_key({"input": config.input, "format": fmt, "weights": spec.fingerprint,
                    "task": task, "dims": dims, "id": config.id_column,
                    "text": config.text_column, "keep": config.keep_columns,
                    "dtype": config.vector_dtype})
-    fingerprints = storage.file_fingerprints(units)
+    fingerprints = {i.uri: i.fingerprint for i in inputs}
     resumed = _resumable(config, storage, key, fingerprints)
     recreate_output = resumed is None and _check_output(config, storage)
     appending = config.mode == "append" or resumed is not None
@@ -150,15 +151,15 @@ def _check_output(config: EmbedConfig, storage: Storage) -> bool:
 
 
 def read_spec_for(
-    config: EmbedConfig, fmt: str, units: list[str], storage: Storage
+    config: EmbedConfig, fmt: str, inputs: list[st.Listed], storage: Storage
 ) -> tuple[read.ReadSpec, list[pa.Field]]:
     probe = read.ReadSpec(
         format=fmt, id_column=config.id_column, text_column=config.text_column,
         keep_columns=config.keep_columns, id_type=pa.null(), keep_types=(), storage=storage,
     )
     schema = pa.schema([])
-    for unit in units[:SCHEMA_PROBE_UNITS]:
-        schema = read.probe_schema(unit, probe)
+    for listed in inputs[:SCHEMA_PROBE_UNITS]:
+        schema = read.probe_schema(listed.uri, probe, listed.size or None)
         if len(schema):
             break
     names = schema.names

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +23,13 @@ import numpy as np
 
 from embedjob.config import EmbedConfig
 from embedjob.stages import read
-from embedjob.storage import Storage
+from embedjob.storage import Listed, Storage
 
 LAST_BENCH = Path(os.environ.get("EMBEDJOB_CACHE", Path.home() / ".cache" / "embedjob")) / (
     "last_bench.json")
 SAMPLE_FILES = 8
+FOOTER_SAMPLE = 64  # Parquet footers read to estimate rows (all of them below this many files)
+FOOTER_THREADS = 16  # footers read at once (each is one or two ranged GETs)
 PERCENTILES = (50, 90, 99, 100)
 
 
@@ -35,7 +38,7 @@ class SizingReport:
     files: int
     sampled_rows: int
     estimated_rows: int
-    rows_exact: bool  # Parquet/Lance row counts come from metadata; others are estimated
+    rows_exact: bool  # every file's rows counted (Parquet footers, Lance); else estimated
     token_percentiles: dict[str, int]
     mean_tokens: float
     estimated_tokens: int
@@ -48,18 +51,19 @@ class SizingReport:
     tokenize_tasks: int | None  # tasks that feed num_actors at tokens_per_s; None: unknown
 
     def lines(self) -> list[str]:
+        # "~": an estimate (extrapolated from the sample); no "~": counted
         approx = "" if self.rows_exact else "~"
         out = [f"input: {self.files} files, {approx}{self.estimated_rows:,} rows "
-               f"(sampled {self.sampled_rows:,})",
+               f"(sampled {self.sampled_rows:,}; ~ marks estimates)",
                "tokens per row: " + ", ".join(f"p{k} {v}" for k, v in
                                                self.token_percentiles.items())
-               + f", mean {self.mean_tokens:.1f}",
-               f"estimated tokens: {self.estimated_tokens:,}"]
-        out += [f"output {name}: {_human(size)}" for name, size in
+               + f", mean {self.mean_tokens:.1f} (of the sample)",
+               f"estimated tokens: ~{self.estimated_tokens:,}"]
+        out += [f"output {name}: {approx}{_human(size)}" for name, size in
                 self.bytes_per_column.items()]
         if self.gpu_hours is not None:
             out.append(f"at {self.tokens_per_s:,.0f} tokens/s ({self.tokens_per_s_source}): "
-                       f"{self.gpu_hours:,.2f} GPU-hours")
+                       f"~{self.gpu_hours:,.2f} GPU-hours")
         else:
             out.append("no throughput known: pass --tokens-per-s or run `embedjob bench`")
         out.append(f"tokenizer: {self.tokenizer_tokens_per_s:,.0f} tokens/s per task "
@@ -77,19 +81,20 @@ def size_job(config: EmbedConfig, *, sample_rows: int = 20000,
 
     storage = Storage.resolve(config.storage_options)
     fmt = config.input_format
-    units = read.list_units(config.input, fmt, storage)
-    if not units:
+    inputs = read.list_inputs(config.input, fmt, storage)
+    if not inputs:
         from embedjob.errors import InputError
 
         raise InputError(f"--input {config.input!r} matched no {fmt} files")
     spec, task, dims = model_plan(config, storage)
-    read_spec, _ = read_spec_for(config, fmt, units, storage)
+    read_spec, _ = read_spec_for(config, fmt, inputs, storage)
+    units = [i.uri for i in inputs]
     texts, sampled_units = _sample_texts(units[:SAMPLE_FILES], read_spec, sample_rows)
     tokenizer = spec.tokenizer()
     started = time.perf_counter()
     lengths = np.array([len(x) for x in tokenizer.tokenize(texts, task).ids] or [0])
     tokenizer_speed = float(lengths.sum()) / max(time.perf_counter() - started, 1e-9)
-    rows, exact = _estimate_rows(units, sampled_units, len(texts), read_spec, storage)
+    rows, exact = _estimate_rows(inputs, sampled_units, len(texts), read_spec)
     width = 2 if config.vector_dtype == "float16" else 4
     columns = {"vector": dims[0]} | {f"vector_{d}": d for d in dims[1:]}
     speed, source = _throughput(tokens_per_s)
@@ -144,14 +149,29 @@ def _sample_texts(units: list[str], spec: read.ReadSpec, limit: int) -> tuple[li
     return texts, used
 
 
-def _estimate_rows(units: list[str], sampled_units: int, sampled: int, spec: read.ReadSpec,
-                   storage: Storage) -> tuple[int, bool]:
-    """Exact for Parquet (footers), else sampled rows per byte times total bytes."""
+def _estimate_rows(inputs: list[Listed], sampled_units: int, sampled: int,
+                   spec: read.ReadSpec) -> tuple[int, bool]:
+    """Rows per byte of a sample times the listed bytes; exact when every file was counted.
+
+    Parquet: the footers of up to ``FOOTER_SAMPLE`` files spread over the listing, read in a
+    thread pool (one footer per file would be 100k requests on a 100k-file corpus). Other
+    formats: the texts sampled per byte of the files they came from. Lance: fragments count
+    their own rows in the manifest.
+    """
+    if spec.format == "lance":
+        return spec.storage.open_lance(inputs[0].uri.rpartition("#")[0]).count_rows(), True
+    total = sum(i.size for i in inputs)
     if spec.format == "parquet":
-        return sum(read.parquet_rows(unit, spec) for unit in units), True
-    sizes = storage.file_sizes(units)
-    sampled_bytes = sum(sizes[u] for u in units[:sampled_units]) or 1
-    return int(sampled / sampled_bytes * sum(sizes.values())), False
+        step = max(1, len(inputs) // FOOTER_SAMPLE)
+        sample = inputs[::step][:FOOTER_SAMPLE]
+        with ThreadPoolExecutor(FOOTER_THREADS) as pool:
+            counts = list(pool.map(lambda i: read.parquet_rows(i.uri, spec, i.size or None),
+                                   sample))
+        if len(sample) == len(inputs):
+            return sum(counts), True
+        return int(sum(counts) / (sum(i.size for i in sample) or 1) * total), False
+    sampled_bytes = sum(i.size for i in inputs[:sampled_units]) or 1
+    return int(sampled / sampled_bytes * total), False
 
 
 def _throughput(override: float | None) -> tuple[float | None, str]:

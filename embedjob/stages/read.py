@@ -19,11 +19,13 @@ import pyarrow.compute as pc
 
 from embedjob import schema as S
 from embedjob.errors import Backoff, CorruptInputError, is_transient
-from embedjob.storage import Storage
+from embedjob.storage import Listed, Storage
 
 logger = logging.getLogger(__name__)
 
 READ_BATCH_ROWS = 8192
+FOOTER_GUESS_BYTES = 64 << 10  # one GET of a Parquet file's tail usually holds its footer
+PROBE_BYTES = 1 << 20  # the head of a text file read to learn its columns
 SUFFIXES: dict[str, tuple[str, ...]] = {
     "parquet": (".parquet", ".pq"),
     "jsonl": (".jsonl", ".json", ".ndjson"),
@@ -62,11 +64,13 @@ class ReadSpec:
         )
 
 
-def list_units(uri: str, fmt: str, storage: Storage) -> list[str]:
-    """Input units: the files (or the Lance dataset's fragments as ``uri#<id>``)."""
+def list_inputs(uri: str, fmt: str, storage: Storage) -> list[Listed]:
+    """The input files with size and fingerprint from the listing (no request per file), or
+    a Lance dataset's fragments as ``uri#<id>`` (fingerprint ``fragment``)."""
     if fmt == "lance":
         dataset = storage.open_lance(uri)
-        return [f"{uri}#{frag.fragment_id}" for frag in dataset.get_fragments()]
+        return [Listed(f"{uri}#{frag.fragment_id}", 0, "fragment")
+                for frag in dataset.get_fragments()]
     return storage.list_files(uri, SUFFIXES[fmt])
 
 
@@ -116,12 +120,31 @@ def iter_rows(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
         yield normalize(raw, unit, first_row, spec)
 
 
-def parquet_rows(unit: str, spec: ReadSpec) -> int:
-    """Row count from a Parquet footer."""
+def parquet_rows(unit: str, spec: ReadSpec, size: int | None = None) -> int:
+    """Row count from a Parquet footer (``size`` from the listing saves a request)."""
+    return parquet_metadata(unit, spec, size).num_rows
+
+
+def parquet_metadata(unit: str, spec: ReadSpec, size: int | None = None):
+    """A Parquet file's footer (``pq.FileMetaData``).
+
+    With ``size`` known (from the listing) the file's tail is read with ranged GETs only:
+    no HEAD request, usually one GET.
+    """
     import pyarrow.parquet as pq
 
-    with _open(unit, spec) as handle:
-        return pq.ParquetFile(handle).metadata.num_rows
+    if size is None:
+        with _open(unit, spec) as handle:
+            return pq.ParquetFile(handle).metadata
+    tail = spec.storage.read_range(unit, max(0, size - FOOTER_GUESS_BYTES), size)
+    if len(tail) < 8 or tail[-4:] != b"PAR1":
+        raise pa.ArrowInvalid(f"{unit} is not a Parquet file (no PAR1 at its end)")
+    needed = int.from_bytes(tail[-8:-4], "little") + 8
+    if needed > len(tail):  # a footer bigger than the guess: one more GET for the rest
+        tail = spec.storage.read_range(unit, max(0, size - needed), size - len(tail)) + tail
+    # the footer parses on its own: its offsets are absolute, nothing else is read
+    return pq.ParquetFile(pa.BufferReader(tail[-needed:] if needed <= len(tail) else tail)
+                          ).metadata
 
 
 def _raw_batches(unit: str, spec: ReadSpec) -> Iterator[tuple[pa.Table, int]]:
@@ -352,14 +375,14 @@ def _fill(reasons: list[str | None], rows, reason: str) -> None:
             reasons[i] = reason
 
 
-def probe_schema(unit: str, spec: ReadSpec) -> pa.Schema:
+def probe_schema(unit: str, spec: ReadSpec, size: int | None = None) -> pa.Schema:
     """Every column of a unit with its type (decides the id and kept column types).
 
     An empty schema means the unit holds no rows or cannot be parsed (the next unit is
     probed; the read stage records an unparsable unit as rejected).
     """
     try:
-        return _probe_schema(unit, spec)
+        return _probe_schema(unit, spec, size)
     except (pa.ArrowInvalid, OSError) as exc:
         if is_transient(exc):
             raise
@@ -367,29 +390,38 @@ def probe_schema(unit: str, spec: ReadSpec) -> pa.Schema:
         return pa.schema([])
 
 
-def _probe_schema(unit: str, spec: ReadSpec) -> pa.Schema:
+def _probe_schema(unit: str, spec: ReadSpec, size: int | None) -> pa.Schema:
     if spec.format == "parquet":
-        import pyarrow.parquet as pq
-
-        with _open(unit, spec) as handle:
-            parquet = pq.ParquetFile(handle)
-            return parquet.schema_arrow if parquet.metadata.num_rows else pa.schema([])
+        metadata = parquet_metadata(unit, spec, size)
+        return metadata.schema.to_arrow_schema() if metadata.num_rows else pa.schema([])
     if spec.format == "lance":
         return spec.storage.open_lance(unit.rpartition("#")[0]).schema
+    head = _head(unit, spec, size)
     if spec.format == "jsonl":
-        for table in _read_jsonl_all_keys(unit, spec):
+        for table in _jsonl_all_keys(head):
             return table.schema
         return pa.schema([])
-    for table in _READERS[spec.format](unit, spec):
-        return table.schema
+    import pyarrow.csv as pcsv
+
+    whole = len(head) < PROBE_BYTES or (size is not None and len(head) >= size)
+    complete = head if whole else head[: head.rfind(b"\n") + 1]  # no cut-off last line
+    for record_batch in pcsv.open_csv(pa.BufferReader(complete)):
+        return record_batch.schema
     return pa.schema([])
 
 
-def _read_jsonl_all_keys(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
-    """The first JSON-lines batch with every key any row has."""
+def _head(unit: str, spec: ReadSpec, size: int | None) -> bytes:
+    """The first ``PROBE_BYTES`` of a file (a ranged GET when the size is known)."""
+    if size is not None:
+        return spec.storage.read_range(unit, 0, min(size, PROBE_BYTES))
     with _open(unit, spec) as handle:
-        head = handle.read(1 << 20).split(b"\n")[:READ_BATCH_ROWS]
-    rows = [r for r in (_parse_json_line(line) for line in head if line.strip())
+        return handle.read(PROBE_BYTES)
+
+
+def _jsonl_all_keys(head: bytes) -> Iterator[pa.Table]:
+    """The first JSON-lines batch with every key any row has."""
+    lines = head.split(b"\n")[:READ_BATCH_ROWS]
+    rows = [r for r in (_parse_json_line(line) for line in lines if line.strip())
             if "__reject" not in r]
     if rows:
         keys = sorted(set().union(*rows))
