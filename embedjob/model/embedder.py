@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from embedjob.errors import MergedTaskError, UnsupportedDimError
 from embedjob.model.attention import has_fused_varlen, install_varlen
 from embedjob.model.generic import load_generic_model, position_offset
+from embedjob.model.head import load_head, pool
 from embedjob.model.jina import BASE_ADAPTER, load_jina
 from embedjob.model.source import resolve
 from embedjob.model.spec import ModelSpec, TextTokenizer, read_config, spec_from_resolved
@@ -87,6 +88,7 @@ def load_embedder(
     torch_device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     config = read_config(spec.local_dir)
+    head = None
     if spec.kind == "jina-v3":
         spec.check_task(merge_task)
         model = load_jina(spec, dtype=torch_dtype, merge_task=merge_task)
@@ -94,12 +96,14 @@ def load_embedder(
         if merge_task is not None:
             raise MergedTaskError(f"merge_task {merge_task!r}: {source} has no adapters to merge")
         model = load_generic_model(spec.local_dir, dtype=torch_dtype)
+        head = load_head(spec.local_dir, spec.head) if spec.head else None
     model.to(torch_device)
     logger.info("loaded %s (%s) on %s as %s, merge_task=%s, fingerprint %s", source, spec.kind,
                 torch_device, torch_dtype, merge_task, spec.fingerprint[:16])
     return Embedder(spec, model, device=torch_device, dtype=torch_dtype, merged_task=merge_task,
                     pad_id=int(config.get("pad_token_id") or 0),
-                    position_offset=position_offset(config), compile=compile)
+                    position_offset=position_offset(config), compile=compile,
+                    head=None if head is None else head.to(torch_device))
 
 
 class Embedder:
@@ -119,7 +123,8 @@ class Embedder:
 
     def __init__(self, spec: ModelSpec, model: torch.nn.Module, *, device: torch.device,
                  dtype: torch.dtype, merged_task: str | None, pad_id: int,
-                 position_offset: int, compile: bool = False) -> None:
+                 position_offset: int, compile: bool = False,
+                 head: torch.nn.Module | None = None) -> None:
         self.spec = spec
         self.model = model
         self.device = device
@@ -130,6 +135,8 @@ class Embedder:
         self.varlen = spec.kind == "jina-v3" and install_varlen(_base_model(model))
         self._compiled = torch.compile(_base_model(model), dynamic=True) if compile else None
         self._tokenizer: TextTokenizer | None = None
+        self.head = head  # fp32 Dense / Normalize modules after pooling (generic models)
+        self._prompt_lengths: dict[str | None, int] = {}
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -206,11 +213,11 @@ class Embedder:
         with torch.inference_mode():
             if not packed:
                 with self._adapters(row_tasks) as extra:
-                    return self._pool_padded(ids, extra).cpu().numpy()
+                    return self._pool_padded(ids, extra, row_tasks).cpu().numpy()
             pooled = torch.empty(len(ids), self.hidden_size, dtype=torch.float32)
             for t, rows in _group_rows(row_tasks).items():
                 with self._adapters([t]):
-                    pooled[rows] = self._pool_packed([ids[i] for i in rows]).cpu()
+                    pooled[rows] = self._pool_packed([ids[i] for i in rows], t).cpu()
             return pooled.numpy()
 
     def encode_batches(self, batches: Sequence[Sequence[np.ndarray]], *, task: str | None = None,
@@ -261,8 +268,10 @@ class Embedder:
         pooled = [torch.zeros(0, self.hidden_size, device=self.device)]
         with self._adapters([task]):
             for ids in batches:
-                if ids:
-                    pooled.append(self._pool_packed(ids) if packed else self._pool_padded(ids, {}))
+                if not ids:
+                    continue
+                pooled.append(self._pool_packed(ids, task) if packed
+                              else self._pool_padded(ids, {}, [task] * len(ids)))
         return torch.cat(pooled)
 
     def _row_tasks(self, ids: Sequence[np.ndarray], task: str | None,
@@ -308,9 +317,11 @@ class Embedder:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def _pool_padded(self, ids: Sequence[np.ndarray], extra: dict[str, Any]) -> torch.Tensor:
+    def _pool_padded(self, ids: Sequence[np.ndarray], extra: dict[str, Any],
+                     row_tasks: Sequence[str | None]) -> torch.Tensor:
         """Right-padded forward in the current adapter state; normalised fp32 [n, H], on the
-        device. ``extra``: model kwargs from ``_adapters``."""
+        device. ``extra``: model kwargs from ``_adapters``; ``row_tasks``: each row's task
+        (its prompt is left out of pooling when the model says so)."""
         lengths = np.array([len(x) for x in ids])
         longest = int(lengths.max())
         host = np.full((2, len(ids), longest), self.pad_id, dtype=np.int64)  # ids, mask
@@ -322,11 +333,14 @@ class Embedder:
         # read mask.all() on the device to find that out).
         out = self._call_model(extra, input_ids=input_ids,
                                attention_mask=None if lengths.min() == longest else mask)
-        return F.normalize(pool(out.last_hidden_state, mask, self.spec.pooling), p=2, dim=-1)
+        skip = self._skip(row_tasks)
+        return self._finish(pool(out.last_hidden_state, mask, self.spec.pooling,
+                                 None if skip is None else skip.to(mask.device)))
 
-    def _pool_packed(self, ids: Sequence[np.ndarray]) -> torch.Tensor:
+    def _pool_packed(self, ids: Sequence[np.ndarray], task: str | None) -> torch.Tensor:
         """All rows as one sequence with restarting positions, attending within each row only,
-        in the current adapter state; normalised fp32 [n, H], on the device."""
+        in the current adapter state (one ``task`` for all rows); normalised fp32 [n, H], on
+        the device."""
         lengths = np.array([len(x) for x in ids])
         cu_seq_lens = np.concatenate([[0], np.cumsum(lengths)])  # [n + 1]
         total = int(cu_seq_lens[-1])
@@ -348,13 +362,44 @@ class Embedder:
             out = self._call_model({}, input_ids=input_ids, attention_mask=mask,
                                    position_ids=position_ids)
         hidden = out.last_hidden_state[0].float()  # [T, H]
-        if self.spec.pooling == "cls":
+        skip = self._skip([task] * len(ids))
+        if self.spec.pooling == "cls" and skip is None:
             pooled = hidden[offsets[:-1]]
-        else:
+        elif self.spec.pooling == "mean" and skip is None:
             sums = torch.zeros(len(ids), hidden.shape[1], device=hidden.device)
             sums.index_add_(0, segment_d[0], hidden)  # [n, H]
             pooled = sums / offsets.diff().float()[:, None]
+        else:  # the other modes on the rows laid out right-padded: [n, longest, H]
+            padded = hidden.new_zeros(len(ids), int(lengths.max()), hidden.shape[1])
+            within = position_ids[0] - self.position_offset  # [T], each token's index in its row
+            padded[segment_d[0], within] = hidden
+            mask = (torch.arange(padded.shape[1], device=hidden.device)[None, :]
+                    < offsets.diff()[:, None])  # [n, longest]
+            pooled = pool(padded, mask, self.spec.pooling,
+                          None if skip is None else skip.to(hidden.device))
+        return self._finish(pooled)
+
+    def _finish(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Dense / Normalize modules (if any), then L2 normalisation: fp32 [n, H]."""
+        if self.head is not None:
+            pooled = self.head(pooled)
         return F.normalize(pooled, p=2, dim=-1)
+
+    def _skip(self, row_tasks: Sequence[str | None]) -> torch.Tensor | None:
+        """[n] prompt tokens each row leaves out of pooling, or None (prompts are pooled)."""
+        head = self.spec.head
+        if head is None or head.include_prompt:
+            return None
+        skip = [self._prompt_length(t) for t in row_tasks]
+        return torch.tensor(skip) if any(skip) else None
+
+    def _prompt_length(self, task: str | None) -> int:
+        """Tokens of ``task``'s prompt alone, leading special token included and a trailing one
+        excluded: what sentence-transformers leaves out of pooling (0 without a prompt)."""
+        if task not in self._prompt_lengths:
+            prefix = self.spec.prefix(task)
+            self._prompt_lengths[task] = self.tokenizer.prompt_length(prefix) if prefix else 0
+        return self._prompt_lengths[task]
 
     def _call_model(self, extra: dict[str, Any], **inputs: Any) -> Any:
         """The model in the current adapter state; compiled unless ``extra`` (from
@@ -371,15 +416,6 @@ class Embedder:
         longest = int(np.diff(cu_seq_lens).max())
         return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
                 "max_length_q": longest, "max_length_k": longest}
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool [B, L, H] token states over a [B, L] mask in fp32 -> [B, H]."""
-    if pooling == "cls":
-        return hidden[:, 0].float()
-    m = mask.to(torch.float32)[..., None]  # [B, L, 1]
-    summed = (hidden.float() * m).sum(dim=1)  # [B, H]
-    return summed / m.sum(dim=1).clamp(min=1e-9)
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -37,6 +37,7 @@ SMALL_FILE_PATTERNS: tuple[str, ...] = (
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
     "*_Pooling/config.json",
+    "*_Dense/config.json",
     "*/adapter_config.json",
 )
 WEIGHT_PATTERNS: tuple[str, ...] = ("*.safetensors", "*.safetensors.index.json")
@@ -102,10 +103,13 @@ def resolve(source: str, *, filesystem: Any = None, weights: bool) -> ResolvedSo
 
 
 def is_weight_file(rel: str) -> bool:
-    """Top-level ``*.safetensors`` or a task adapter's ``<task>/adapter_model.safetensors``."""
+    """Top-level ``*.safetensors``, a task adapter's ``<task>/adapter_model.safetensors`` or a
+    sentence-transformers Dense module's ``<n>_Dense/model.safetensors``."""
     parts = rel.split("/")
     if len(parts) == 1:
         return rel.endswith(".safetensors")
+    if len(parts) == 2 and re.fullmatch(r"\d+_Dense", parts[0]):
+        return parts[1] == "model.safetensors"
     return len(parts) == 2 and parts[1] == "adapter_model.safetensors"
 
 

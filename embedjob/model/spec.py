@@ -29,10 +29,8 @@ from embedjob.model.tasks import JINA_DEFAULT_TASK, JINA_V3_DEFAULTS, TASK_ADAPT
 logger = logging.getLogger(__name__)
 
 Kind = Literal["jina-v3", "generic"]
-Pooling = Literal["mean", "cls"]
 Layout = Literal["original", "hf", "generic"]
 KINDS: tuple[str, ...] = ("jina-v3", "generic")
-POOLINGS: tuple[str, ...] = ("mean", "cls")
 
 JINA_HF_MODEL_TYPE = "jina_embeddings_v3"
 # A text is cut at max_tokens * this many characters before tokenizing, so a 10 MB text
@@ -54,7 +52,11 @@ class ModelSpec:
         matryoshka_dims: Dims a vector may be truncated to (ascending, last = hidden_size).
         hidden_size: Full embedding width.
         max_tokens: Tokens per text including special tokens; longer texts are truncated.
-        pooling: ``mean`` over every non-padding token, or ``cls`` (first token).
+        pooling: sentence-transformers Pooling modes joined by ``+`` (``mean``: over every
+            non-padding token; ``cls``: the first token; ``max``, ``mean_sqrt_len_tokens``,
+            ``weightedmean``, ``lasttoken``).
+        head: Generic models: what sentence-transformers runs after the transformer (pooling
+            options, Dense / Normalize modules); None for jina-v3 (mean pooling, normalize).
         fingerprint: Stable hash identifying the weights.
         revision: Hub commit when known.
         local_dir: Local directory holding the model files (weights may be absent).
@@ -68,16 +70,19 @@ class ModelSpec:
     matryoshka_dims: tuple[int, ...]
     hidden_size: int
     max_tokens: int
-    pooling: Pooling
+    pooling: str
     fingerprint: str
     revision: str | None
     local_dir: str
+    head: generic.Head | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind {self.kind!r} not in {list(KINDS)}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling {self.pooling!r} not in {list(POOLINGS)}")
+        if not set(self.pooling.split("+")) <= set(generic.POOLING_MODES):
+            raise ValueError(f"pooling {self.pooling!r} not in {list(generic.POOLING_MODES)}")
+        if self.kind == "jina-v3" and (self.pooling != "mean" or self.head is not None):
+            raise ValueError(f"pooling {self.pooling!r}: jina-v3 pools by 'mean' (no head)")
         if self.default_task is not None:
             self.check_task(self.default_task)
         unknown = sorted(set(self.instructions) - set(self.tasks))
@@ -156,6 +161,12 @@ class TextTokenizer:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (TextTokenizer, (self.spec,))
+
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens of ``prompt`` tokenized alone, without a trailing special token (as
+        sentence-transformers counts the prompt it leaves out of pooling)."""
+        ids = self._tok(prompt, add_special_tokens=True)["input_ids"]
+        return len(ids) - (1 if ids and ids[-1] in self._tok.all_special_ids else 0)
 
     def tokenize(self, texts: Sequence[str], task: str | None = None) -> Tokenized:
         """Tokenize ``texts`` for ``task`` in one batched fast-tokenizer call.
@@ -239,10 +250,12 @@ def spec_from_resolved(resolved: ResolvedSource) -> ModelSpec:
     }
     if checkpoint_layout(config) == "generic":
         prompts = generic.read_prompts(resolved.local_dir)
+        head = generic.read_head(resolved.local_dir, common["hidden_size"])
+        common.update(hidden_size=head.dim,
+                      max_tokens=max_tokens(resolved.local_dir, config, head.max_seq_length))
         return ModelSpec(
             kind="generic", tasks=tuple(prompts), default_task=None, instructions=prompts,
-            matryoshka_dims=(common["hidden_size"],),
-            pooling=generic.read_pooling(resolved.local_dir), **common,
+            matryoshka_dims=(head.dim,), pooling=head.pooling, head=head, **common,
         )
     meta = {k: config.get(k, v) for k, v in JINA_V3_DEFAULTS.items()}
     tasks = tuple(meta["lora_adaptations"])
@@ -259,11 +272,13 @@ def spec_from_resolved(resolved: ResolvedSource) -> ModelSpec:
     )
 
 
-def max_tokens(local_dir: str | Path, config: Mapping[str, Any]) -> int:
-    """Tokenizer ``model_max_length`` capped by the positions the model can embed."""
+def max_tokens(local_dir: str | Path, config: Mapping[str, Any],
+               max_seq_length: int | None = None) -> int:
+    """``max_seq_length`` (sentence-transformers), else the tokenizer's ``model_max_length``,
+    capped by the positions the model can embed."""
     path = Path(local_dir) / "tokenizer_config.json"
     tok_config = json.loads(path.read_text()) if path.is_file() else {}
-    limit = int(min(tok_config.get("model_max_length") or 1 << 30, 1 << 30))
+    limit = int(min(max_seq_length or tok_config.get("model_max_length") or 1 << 30, 1 << 30))
     positions = config.get("max_position_embeddings")
     if positions:
         limit = min(limit, int(positions) - generic.position_offset(config))

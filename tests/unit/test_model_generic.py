@@ -51,7 +51,7 @@ def manual_mean_pooling(model_dir: Path, texts: list[str], cls: bool = False) ->
 def test_spec(minilm_dir: Path) -> None:
     spec = load_spec(str(minilm_dir))
     assert (spec.kind, spec.tasks, spec.default_task, spec.pooling) == ("generic", (), None, "mean")
-    assert (spec.hidden_size, spec.matryoshka_dims, spec.max_tokens) == (384, (384,), 512)
+    assert (spec.hidden_size, spec.matryoshka_dims, spec.max_tokens) == (384, (384,), 256)
     assert spec.instructions == {}
 
 

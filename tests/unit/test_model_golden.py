@@ -13,7 +13,7 @@ import torch
 
 from embedjob.errors import MergedTaskError
 from embedjob.model import Embedder, load_embedder, matryoshka
-from embedjob.model.embedder import pool
+from embedjob.model.head import pool
 from tests.model_fixtures import (
     ATOL_STATES,
     ATOL_VECTORS,

@@ -326,7 +326,9 @@ def test_spec_describes_model_and_pickles(golden_dir: Path) -> None:
     assert hash(pickle.loads(pickle.dumps(spec))) == hash(spec)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.kind = "generic"  # type: ignore[misc]
-    with pytest.raises(ValueError, match=r"pooling 'max' not in \['mean', 'cls'\]"):
+    with pytest.raises(ValueError, match=r"pooling 'median' not in \['cls', 'max', 'mean', "):
+        dataclasses.replace(spec, pooling="median")
+    with pytest.raises(ValueError, match=r"pooling 'max': jina-v3 pools by 'mean'"):
         dataclasses.replace(spec, pooling="max")
     tok = pickle.loads(pickle.dumps(spec.tokenizer()))
     assert isinstance(tok, TextTokenizer) and isinstance(tok.spec, ModelSpec)
