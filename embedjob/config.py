@@ -131,6 +131,15 @@ class EmbedConfig:
              "instead of padding; batches are cut by the sum of lengths")
     vector_dtype: Literal["float32", "float16"] = knob("float32", commands=ALL,
                                                        help="stored vector element type")
+    quantize: tuple[str, ...] = knob(
+        (), commands=ALL, metavar="[D:]TYPE,...",
+        help="quantized columns beside the floats: int8 and/or binary for every stored dim "
+             "(int8,binary) or per dim (1024:binary,256:int8): vector_<d>_int8 (per-dim "
+             "ranges calibrated on the run's first rows, stamped) and vector_<d>_bin (sign "
+             "bits, packed)")
+    no_float_dims: tuple[int, ...] = knob(
+        (), commands=ALL, metavar="D,D,...",
+        help="stored dims kept only quantized (no float column); each must be quantized")
     compile: bool = knob(False, commands=RUNS,
                          help="torch.compile the encoder (see BENCHMARKS.md for when it pays)")
     mode: Literal["create", "overwrite", "append"] = knob(
@@ -172,7 +181,7 @@ class EmbedConfig:
         help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
 
     def __post_init__(self) -> None:
-        for name in ("dims", "keep_columns"):
+        for name in ("dims", "keep_columns", "quantize", "no_float_dims"):
             object.__setattr__(self, name, as_tuple(name, getattr(self, name)))
         _require(bool(self.input), "input", self.input, "a file, directory, prefix or glob")
         _require(bool(self.output), "output", self.output, "a Lance dataset URI")
@@ -194,6 +203,8 @@ class EmbedConfig:
         for dim in self.dims:
             _require(_is_int(dim) and dim > 0, "dims", self.dims, "positive integers")
         _require(len(set(self.dims)) == len(self.dims), "dims", self.dims, "distinct values")
+        for entry in self.quantize:
+            _parse_quantize(entry)
         _require(self.id_column != self.text_column, "id_column", self.id_column,
                  f"a column other than --text-column {self.text_column!r}")
         reserved = set(S.OUTPUT_COLUMNS) | {self.id_column}
@@ -214,6 +225,32 @@ class EmbedConfig:
             f"cannot infer the format of input {self.input!r} from its extension; "
             f"pass --format, one of {list(FORMATS)}"
         )
+
+    def quantize_plan(self, dims: tuple[int, ...]) -> dict[int, tuple[str, ...]]:
+        """``quantize`` resolved against the stored ``dims``: dim -> its quantized forms.
+
+        Raises:
+            ConfigError: A dim that is not stored, binary on a dim that is not a multiple
+                of 8, or a ``no_float_dims`` dim that is not stored or not quantized.
+        """
+        forms: dict[int, list[str]] = {}
+        for entry in self.quantize:
+            dim, form = _parse_quantize(entry)
+            if dim is not None and dim not in dims:
+                raise ConfigError(f"--quantize {entry!r}: dim {dim} is not stored; stored dims "
+                                  f"are {list(dims)}")
+            for d in dims if dim is None else (dim,):
+                if form == "binary" and d % 8:
+                    raise ConfigError(f"--quantize {entry!r}: binary needs a dim that is a "
+                                      f"multiple of 8, not {d}")
+                if form not in forms.setdefault(d, []):
+                    forms[d].append(form)
+        for dim in self.no_float_dims:
+            if dim not in forms:
+                raise ConfigError(
+                    f"--no-float-dims {dim} is not allowed; expected stored, quantized dims "
+                    f"{sorted(forms)} (a dim needs a --quantize form to drop its floats)")
+        return {d: tuple(sorted(forms[d])) for d in dims if d in forms}
 
     @property
     def overhead_tokens(self) -> int:
@@ -295,12 +332,24 @@ def as_tuple(key: str, value: Any) -> tuple:
     else:
         raise ConfigError(f"{flag_for(key)} {value!r} must be a list or a comma-separated "
                           "string")
-    if key == "dims":
+    if key in ("dims", "no_float_dims"):
         try:
             return tuple(int(v) for v in items)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"--dims {value!r} must be integers, e.g. 1024,256,64") from exc
+            raise ConfigError(f"{flag_for(key)} {value!r} must be integers, e.g. "
+                              "1024,256,64") from exc
     return tuple(str(v) for v in items)
+
+
+def _parse_quantize(entry: str) -> tuple[int | None, str]:
+    """``int8`` / ``binary`` (every stored dim) or ``D:int8`` / ``D:binary`` -> (D, form)."""
+    dim, _, form = entry.rpartition(":")
+    ok = form in S.QUANT_DTYPES and (not dim or (dim.isdigit() and int(dim) > 0))
+    if not ok:
+        raise ConfigError(
+            f"--quantize {entry!r} is not allowed; expected one of {list(S.QUANT_DTYPES)}, for "
+            "every stored dim or per dim as D:TYPE (e.g. 1024:binary,256:int8)")
+    return (int(dim) if dim else None), form
 
 
 def _is_int(value: Any) -> bool:

@@ -73,13 +73,76 @@ def vector_type(vector_dtype: str) -> pa.DataType:
     return pa.float16() if vector_dtype == "float16" else pa.float32()
 
 
+# Quantized columns beside the floats: vector_<d>_int8 (one signed byte per dim, per-dim
+# ranges calibrated and stamped) and vector_<d>_bin (the sign bits, packed 8 per byte,
+# big-endian as numpy's packbits). The dim is always in the name, the full dim's too.
+QUANT_DTYPES: tuple[str, ...] = ("int8", "binary")
+QUANT_SUFFIXES: dict[str, str] = {"int8": "int8", "binary": "bin"}
+BYTES_PER_VALUE: dict[str, float] = {"float32": 4, "float16": 2, "int8": 1, "binary": 1 / 8}
+
+
+def quantized_column(dim: int, dtype: str) -> str:
+    """``vector_<dim>_int8`` or ``vector_<dim>_bin``."""
+    return f"{VECTOR}_{dim}_{QUANT_SUFFIXES[dtype]}"
+
+
+def quantized_type(dim: int, dtype: str) -> pa.DataType:
+    """``fixed_size_list<int8>[dim]`` or ``fixed_size_list<uint8>[dim / 8]``."""
+    return pa.list_(pa.int8(), dim) if dtype == "int8" else pa.list_(pa.uint8(), dim // 8)
+
+
+@dataclass(frozen=True)
+class VectorColumn:
+    """One stored vector column: its dim (bits for binary) and element type."""
+
+    name: str
+    dim: int
+    dtype: str  # float32, float16, int8 or binary
+
+    @property
+    def bytes_per_row(self) -> int:
+        return int(self.dim * BYTES_PER_VALUE[self.dtype])
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in QUANT_DTYPES
+
+
+_VALUE_DTYPES = {pa.float32(): "float32", pa.float16(): "float16", pa.int8(): "int8",
+                 pa.uint8(): "binary"}
+
+
+def vector_layout(schema: pa.Schema) -> dict[str, VectorColumn]:
+    """Every vector column of a schema (float and quantized), read from its arrow type."""
+    found = {}
+    for f in schema:
+        if not (is_vector_column(f.name) and pa.types.is_fixed_size_list(f.type)):
+            continue
+        dtype = _VALUE_DTYPES.get(f.type.value_type)
+        if dtype is not None:
+            size = f.type.list_size
+            found[f.name] = VectorColumn(f.name, size * 8 if dtype == "binary" else size, dtype)
+    return found
+
+
 def output_schema(id_type: pa.DataType, full_dim: int, dims: tuple[int, ...],
                   vector_dtype: str, keep: list[pa.Field],
-                  metadata: Mapping[str, str]) -> pa.Schema:
-    """The output table's schema, stamped with ``metadata``; ``dims`` full dim first."""
+                  metadata: Mapping[str, str],
+                  quantize: Mapping[int, tuple[str, ...]] | None = None,
+                  float_dims: tuple[int, ...] | None = None) -> pa.Schema:
+    """The output table's schema, stamped with ``metadata``; ``dims`` full dim first.
+
+    Each dim's columns sit together: the float column (unless the dim is left out of
+    ``float_dims``), then its quantized ones (``quantize``: dim -> dtypes).
+    """
     value = vector_type(vector_dtype)
-    vectors = [pa.field(vector_column(d, full_dim), pa.list_(value, d))
-               for d in dict.fromkeys((full_dim, *dims))]
+    quantize = quantize or {}
+    vectors = []
+    for d in dict.fromkeys((full_dim, *dims)):
+        if float_dims is None or d in float_dims:
+            vectors.append(pa.field(vector_column(d, full_dim), pa.list_(value, d)))
+        vectors += [pa.field(quantized_column(d, q), quantized_type(d, q))
+                    for q in quantize.get(d, ())]
     return pa.schema([
         pa.field(OUT_ID, id_type),
         *vectors,
@@ -116,8 +179,14 @@ NORMALIZATION = "embedjob.normalization"
 VECTOR_DTYPE = "embedjob.vector_dtype"
 VERSION = "embedjob.version"
 CREATED_AT = "embedjob.created_at"
-# Keys that must match for old and new vectors to live in one table (refresh).
-COMPATIBILITY_KEYS: tuple[str, ...] = (WEIGHTS_HASH, TASK, INSTRUCTION, DIMS, VECTOR_DTYPE)
+# Only in tables with quantized columns (so older tables' stamps still match):
+QUANTIZE = "embedjob.quantize"  # JSON {dim: [dtypes]}
+FLOAT_DIMS = "embedjob.float_dims"  # JSON [dims that keep their float column]
+INT8_CALIBRATION = "embedjob.int8_calibration"  # JSON {rows, formula, ranges {dim: [lo, hi]}}
+# Keys that must match for old and new vectors to live in one table (refresh). The int8
+# ranges are not among them: a refresh reuses the table's.
+COMPATIBILITY_KEYS: tuple[str, ...] = (WEIGHTS_HASH, TASK, INSTRUCTION, DIMS, VECTOR_DTYPE,
+                                       QUANTIZE, FLOAT_DIMS)
 # Table metadata (not schema metadata): the progress record and the last run's summary.
 PROGRESS_KEY = "embedjob.progress"
 LAST_RUN_KEY = "embedjob.last_run"

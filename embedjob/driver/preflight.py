@@ -46,6 +46,8 @@ class RunPlan:
     model: ModelSpec
     task: str | None
     dims: tuple[int, ...]  # every stored dim, the full one first
+    quantize: dict[int, tuple[str, ...]]  # dim -> its quantized forms (int8, binary)
+    float_dims: tuple[int, ...] | None  # dims that keep their float column; None: all
     schema: pa.Schema  # the output's, stamped
     recreate_output: bool
     recreate_rejected: bool
@@ -74,12 +76,17 @@ def plan_run(config: EmbedConfig) -> RunPlan:
             f"(looked for names ending in {list(read.SUFFIXES[fmt])})"
         )
     spec, task, dims = model_plan(config, storage)
+    quantize, float_dims = quantize_plan(config, dims)
     read_spec, keep_fields = read_spec_for(config, fmt, inputs, storage)
     units = [i.uri for i in inputs]
-    key = run_key({"input": config.input, "format": fmt, "weights": spec.fingerprint,
-                   "task": task, "dims": dims, "id": config.id_column,
-                   "text": config.text_column, "keep": config.keep_columns,
-                   "dtype": config.vector_dtype})
+    settings = {"input": config.input, "format": fmt, "weights": spec.fingerprint,
+                "task": task, "dims": dims, "id": config.id_column,
+                "text": config.text_column, "keep": config.keep_columns,
+                "dtype": config.vector_dtype}
+    if quantize:  # (only then: older runs' keys stay valid)
+        settings |= {"quantize": {str(d): f for d, f in quantize.items()},
+                     "float_dims": float_dims}
+    key = run_key(settings)
     fingerprints = {i.uri: i.fingerprint for i in inputs}
     resumed = _resumable(config, storage, key, fingerprints)
     recreate_output = resumed is None and _check_output(config, storage)
@@ -87,7 +94,7 @@ def plan_run(config: EmbedConfig) -> RunPlan:
     recreate_rejected = not appending or not storage.lance_exists(config.rejected_uri)
     stamp = _stamp(config, spec, task, dims)
     schema = S.output_schema(read_spec.id_type, spec.hidden_size, dims, config.vector_dtype,
-                             keep_fields, stamp)
+                             keep_fields, stamp, quantize, float_dims)
     held, ours = _existing_columns(config, storage), _columns(schema)
     if not recreate_output and held != ours:
         raise ConfigError(
@@ -98,7 +105,8 @@ def plan_run(config: EmbedConfig) -> RunPlan:
         config=config, storage=storage,
         units=[u for u in units if resumed is None or u not in resumed.done],
         fingerprints=fingerprints, run_key=key, resumed=resumed, model=spec, task=task,
-        dims=dims, schema=schema, recreate_output=recreate_output,
+        dims=dims, quantize=quantize, float_dims=float_dims, schema=schema,
+        recreate_output=recreate_output,
         recreate_rejected=recreate_rejected, read=read_spec,
         tokenize=TokenizeSpec(model=spec, task=task, storage=storage),
         bucket=BucketSpec(max_tokens=config.max_tokens_per_batch, padded=not config.packed,
@@ -106,7 +114,8 @@ def plan_run(config: EmbedConfig) -> RunPlan:
         encode=EncodeSpec(model=config.model, task=task, dims=dims,
                           vector_dtype=config.vector_dtype, packed=config.packed,
                           compile=config.compile, use_gpu=config.gpus_per_actor > 0,
-                          cpu_threads=int(config.cpus_per_actor), storage=storage),
+                          cpu_threads=int(config.cpus_per_actor), storage=storage,
+                          quantize=quantize, float_dims=float_dims),
         write=WriteSpec(output=config.output, rejected_output=config.rejected_uri,
                         schema=schema, storage=storage,
                         replace_schema=recreate_output and held is not None and held != ours),
@@ -209,6 +218,16 @@ def model_plan(
     return spec, task, (spec.hidden_size, *(d for d in config.dims if d != spec.hidden_size))
 
 
+def quantize_plan(
+    config: EmbedConfig, dims: tuple[int, ...]
+) -> tuple[dict[int, tuple[str, ...]], tuple[int, ...] | None]:
+    """dim -> quantized forms, and the dims that keep a float column (None: all of them)."""
+    quantize = config.quantize_plan(dims)
+    if not config.no_float_dims:
+        return quantize, None
+    return quantize, tuple(d for d in dims if d not in config.no_float_dims)
+
+
 def plan_stamp(config: EmbedConfig) -> dict[str, str]:
     """The stamp a run of ``config`` would write (reads the model's config, no weights)."""
     return _stamp(config, *model_plan(config, Storage.resolve(config.storage_options)))
@@ -217,7 +236,8 @@ def plan_stamp(config: EmbedConfig) -> dict[str, str]:
 def _stamp(
     config: EmbedConfig, spec: ModelSpec, task: str | None, dims: tuple[int, ...]
 ) -> dict[str, str]:
-    """Schema metadata: what produced these vectors (read back by refresh and search)."""
+    """Schema metadata: what produced these vectors (read back by refresh and search). The
+    int8 calibration is added by ``driver.calibrate`` once the run knows it."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -235,7 +255,16 @@ def _stamp(
         S.VECTOR_DTYPE: config.vector_dtype,
         S.VERSION: package_version,
         S.CREATED_AT: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
+    } | _quantize_stamp(config, dims)
+
+
+def _quantize_stamp(config: EmbedConfig, dims: tuple[int, ...]) -> dict[str, str]:
+    """The quantized columns' stamp keys; none for a table without them."""
+    quantize, float_dims = quantize_plan(config, dims)
+    if not quantize:
+        return {}
+    return {S.QUANTIZE: json.dumps({str(d): list(f) for d, f in quantize.items()}),
+            S.FLOAT_DIMS: json.dumps(list(dims if float_dims is None else float_dims))}
 
 
 def _existing_columns(

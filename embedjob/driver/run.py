@@ -13,7 +13,7 @@ import ray
 
 from embedjob import schema as S
 from embedjob.config import EmbedConfig
-from embedjob.driver import pipeline, progress
+from embedjob.driver import calibrate, pipeline, progress
 from embedjob.driver.commit import Committer, TableCommitter
 from embedjob.driver.lease import Lease
 from embedjob.driver.preflight import RunPlan, plan_run
@@ -56,7 +56,7 @@ class Summary(Counts):
 
 
 def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=None,
-        encoder: type | None = None) -> Summary:
+        encoder: type | None = None, calibration: str | None = None) -> Summary:
     """Run one embed job to completion.
 
     Args:
@@ -64,6 +64,8 @@ def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=Non
         lookup: A refresh's view of the output: rows it holds unchanged are skipped.
         registry: The run's ``IdRegistry`` when the caller needs it afterwards.
         encoder: The encode stage's class (default ``EncodeActor``; tests wrap it).
+        calibration: An int8 calibration stamp to reuse (a refresh's staging run passes
+            its table's; default: the output's when adding to it, else calibrated anew).
 
     Raises:
         EmbedError: a configuration or storage problem, before any model loads.
@@ -73,16 +75,18 @@ def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=Non
     if lookup is not None:
         plan = replace(plan, tokenize=replace(plan.tokenize, lookup=lookup))
     with Lease(output=config.output, ttl_s=config.lease_ttl_s, storage=plan.storage):
-        summary = _run(plan, started, registry, encoder or EncodeActor)
+        summary = _run(plan, started, registry, encoder or EncodeActor, calibration)
     if config.summary_json:
         write_json(config.summary_json, asdict(summary))
     return summary
 
 
-def _run(plan: RunPlan, started: float, registry, encoder: type) -> Summary:
+def _run(plan: RunPlan, started: float, registry, encoder: type,
+         calibration: str | None) -> Summary:
     """The run proper, under the output's lease."""
     config = plan.config
     _init_ray(config)
+    plan = calibrate.settle(plan, calibration)
     registry = registry or new_registry()
     committer = _committer(plan)
     seeded = _prepare_resume(plan, committer, registry) if plan.resumed else 0

@@ -78,7 +78,8 @@ def _refresh(config: EmbedConfig, storage: Storage):
     staging = S.sibling_uri(config.output, "staging")
     registry = run.new_registry()
     summary = run.run(_staging_config(config, staging, storage), lookup=lookup,
-                      registry=registry)
+                      registry=registry,
+                      calibration=S.schema_metadata(output.schema).get(S.INT8_CALIBRATION))
     _upsert(config.output, staging, storage)
     deleted = 0 if config.keep_deleted else _delete_gone(config.output, storage, registry)
     storage.open_lance(config.output).optimize.optimize_indices()

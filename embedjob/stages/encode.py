@@ -25,6 +25,7 @@ import ctypes.util
 import functools
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,7 @@ import pyarrow as pa
 from embedjob import schema as S
 from embedjob.errors import BugError
 from embedjob.schema import Status
+from embedjob.stages import quantize
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,9 @@ class EncodeSpec:
         use_gpu: Run on CUDA (else CPU with ``cpu_threads`` torch threads).
         cpu_threads: Torch threads of a CPU actor.
         storage: To read an ``s3://`` model.
+        quantize: Dim -> the quantized forms stored for it (``int8``, ``binary``).
+        float_dims: Dims whose float column is stored (None: every dim).
+        int8_ranges: Dim -> the stamped per-dim calibration range (lo, hi), each [dim].
     """
 
     model: str
@@ -63,6 +68,9 @@ class EncodeSpec:
     use_gpu: bool = False
     cpu_threads: int = 1
     storage: Storage = field(default_factory=Storage)
+    quantize: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    float_dims: tuple[int, ...] | None = None
+    int8_ranges: Mapping[int, tuple[list[float], list[float]]] = field(default_factory=dict)
 
 
 class EncodeActor:
@@ -111,7 +119,7 @@ class EncodeActor:
         table = table.append_column(S.STATUS, S.status_array(statuses))
         table = table.append_column(S.REASON, pa.array(reasons, pa.string()))
         table = table.append_column(S.PROCESSED_TOKENS, pa.array(processed, pa.int64()))
-        for name, column in vector_columns(vectors, valid, self.spec.dims, self.dtype).items():
+        for name, column in vector_columns(vectors, valid, self.spec, self.dtype).items():
             table = table.append_column(name, column)
         logger.debug("encoded %d rows (%d tokens processed) in %.2f s", n, int(processed.sum()),
                      time.perf_counter() - started)
@@ -260,20 +268,31 @@ def _row_ids(column: pa.ChunkedArray) -> list[np.ndarray]:
 
 
 def vector_columns(
-    full: np.ndarray, valid: np.ndarray, dims: tuple[int, ...], dtype: np.dtype
+    full: np.ndarray, valid: np.ndarray, spec: EncodeSpec, dtype: np.dtype
 ) -> dict[str, pa.Array]:
-    """``vector`` (full dim) and ``vector_<d>`` (truncate, then re-normalize) per dim.
+    """Every stored vector column of a block: per dim, the float column (``vector`` for the
+    full dim, else ``vector_<d>``: truncate, then re-normalize) and its quantized columns
+    (``stages.quantize``, from the vector as stored), so only stored bytes leave the actor.
 
     Rows where ``valid`` is False get null vectors.
     """
     from embedjob.model import matryoshka
 
     hidden = full.shape[1]
-    columns = {S.VECTOR: _fixed_size_list(full, valid, dtype)}
-    for dim in dims:
-        if dim != hidden:
-            columns[S.vector_column(dim, hidden)] = _fixed_size_list(matryoshka(full, dim),
-                                                                     valid, dtype)
+    columns = {}
+    for dim in dict.fromkeys((hidden, *spec.dims)):
+        # [n, dim] as stored: the cast to the column's dtype first
+        stored = (full if dim == hidden else matryoshka(full, dim)).astype(dtype)
+        if spec.float_dims is None or dim in spec.float_dims:
+            columns[S.vector_column(dim, hidden)] = _fixed_size_list(stored, valid, stored.dtype)
+        for form in spec.quantize.get(dim, ()):
+            if form == "binary":
+                codes = quantize.binary(stored)
+            else:
+                if dim not in spec.int8_ranges:
+                    raise BugError(f"int8 column for dim {dim} without a calibration range")
+                codes = quantize.int8(stored, *spec.int8_ranges[dim])
+            columns[S.quantized_column(dim, form)] = _fixed_size_list(codes, valid, codes.dtype)
     return columns
 
 
