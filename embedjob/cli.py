@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import types
 import typing
@@ -27,6 +28,7 @@ from embedjob.config import (
     known_keys,
     load_yaml,
 )
+from embedjob.console import Console, RunView, setup_logging
 from embedjob.errors import BugError, ConfigError, EmbedError, did_you_mean, without_rust_paths
 from embedjob.storage import Storage, parse_storage_option
 
@@ -160,15 +162,15 @@ class Command:
 def _embed(config: EmbedConfig) -> None:
     from embedjob.driver.run import run
 
-    summary = run(config)
-    print(summary.line())
-    print(_how_to_read(summary.output))
+    view = RunView(console())
+    view.ended(run(config, reporter=view), _how_to_read(config.output))
 
 
 def _refresh(config: EmbedConfig) -> None:
     from embedjob.ops.refresh import refresh
 
-    print(refresh(config).line())
+    view = RunView(console(), "refresh")
+    view.ended(refresh(config, reporter=view), _how_to_read(config.output))
 
 
 def _plan(config: EmbedConfig, options: PlanOptions) -> None:
@@ -356,6 +358,12 @@ def parser(table: Mapping[str, Command] | None = None) -> argparse.ArgumentParse
                            epilog=f"examples:\n{examples}" if examples else None,
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            argument_default=argparse.SUPPRESS, allow_abbrev=False)
+        loud = p.add_mutually_exclusive_group()
+        loud.add_argument("-q", "--quiet", dest="verbosity", action="store_const",
+                          const="quiet", help="print only the result (default: off)")
+        loud.add_argument("-v", "--verbose", dest="verbosity", action="store_const",
+                          const="verbose", help="let Ray's, Lance's and the job's own logs "
+                          "through to the terminal (default: off: they go to the log file)")
         if command.yaml:
             p.add_argument("--config", dest=YAML_DEST, metavar="JOB.YAML",
                            help="YAML file whose keys are these options (- or _); flags "
@@ -369,6 +377,7 @@ def configs_from(args: argparse.Namespace, command: Command, name: str) -> list[
     """The options objects of a parsed command line: YAML values first, flags over them."""
     values = vars(args).copy()
     values.pop("command", None)
+    values.pop("verbosity", None)
     merged = load_yaml(values.pop(YAML_DEST)) if YAML_DEST in values else {}
     if merged:
         allowed = {f.name for cls in command.options for f in options_of(cls, name)}
@@ -404,9 +413,15 @@ def main(argv: list[str] | None = None, *, table: Mapping[str, Command] | None =
         configs = configs_from(args, command, args.command)
     except EmbedError as exc:
         return _user_error(exc)
-    log_path = _setup_logging(args.command)
+    verbosity = getattr(args, "verbosity", "normal")
+    log_path = _log_path(args.command)
+    setup_logging(log_path, verbosity)
+    if not sys.stdout.isatty():  # no colour codes in piped worker logs (--verbose)
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    _CONSOLE.append(Console(verbosity, log_path))
     try:
-        command.run(*configs)
+        with _CONSOLE[-1].capture():
+            command.run(*configs)
     except KeyboardInterrupt:
         print(f"embedjob: interrupted (log: {log_path})", file=sys.stderr)
         return 130
@@ -418,6 +433,8 @@ def main(argv: list[str] | None = None, *, table: Mapping[str, Command] | None =
         print(f"embedjob: {args.command} failed: {type(exc).__name__}: "
               f"{without_rust_paths(first)} (details: {log_path})", file=sys.stderr)
         return 1
+    finally:
+        _CONSOLE.pop().stop_progress()
     return 0
 
 
@@ -435,31 +452,22 @@ def _user_error(exc: EmbedError) -> int:
     return 2
 
 
-def _setup_logging(command: str) -> str:
-    """Log INFO and up to stderr and everything to a log file; returns the file's path."""
-    import os
+def _log_path(command: str) -> str:
+    """A new log file for this command: ``$EMBEDJOB_LOG_DIR`` (default ``<tmp>/embedjob``)."""
     import tempfile
     import time
 
     folder = os.environ.get(LOG_DIR_ENV) or os.path.join(tempfile.gettempdir(), "embedjob")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
-    form = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    to_file = logging.FileHandler(path, encoding="utf-8")
-    to_file.setFormatter(form)
-    to_file.setLevel(logging.DEBUG)
-    to_stderr = logging.StreamHandler()
-    to_stderr.setFormatter(form)
-    to_stderr.setLevel(logging.INFO)
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for old in [h for h in root.handlers if getattr(h, "embedjob", False)]:  # an earlier main()
-        root.removeHandler(old)
-        old.close()
-    for handler in (to_file, to_stderr):
-        handler.embedjob = True
-        root.addHandler(handler)
-    return path
+    return os.path.join(folder, f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+
+
+_CONSOLE: list[Console] = []  # the console of the command main() runs
+
+
+def console() -> Console:
+    """The running command's console (a plain one outside main())."""
+    return _CONSOLE[-1] if _CONSOLE else Console("normal", os.devnull)
 
 
 def _how_to_read(output: str) -> str:

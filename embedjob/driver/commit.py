@@ -128,8 +128,11 @@ class Committer:
         self.main.update_metadata(metadata)
         self.last_commit = time.monotonic()
         elapsed = max(time.monotonic() - self.started, 1e-9)
+        if final:  # a metadata-only version: the run's record, no rows
+            logger.info("recorded the run's summary: output version %s", self.main.version)
+            return
         logger.info(
-            "committed: %d rows embedded, %d rejected, %.0f tokens/s, output version %s",
-            self.counts.rows_embedded, self.counts.rows_rejected,
-            self.counts.tokens / elapsed, self.main.version,
+            "data commit %d: %d rows embedded, %d rejected so far, %.0f tokens/s, output "
+            "version %s", self.main.commits, self.counts.rows_embedded,
+            self.counts.rows_rejected, self.counts.tokens / elapsed, self.main.version,
         )

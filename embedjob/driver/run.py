@@ -50,13 +50,29 @@ class Summary(Counts):
             f"({self.rows_rejected} rejected, {self.rows_truncated} truncated, "
             f"{self.rows_unchanged} unchanged, {self.rows_deleted} deleted), "
             f"{self.tokens} tokens, padding efficiency {self.padding_efficiency:.3f}, "
-            f"{self.tokens_per_s:.0f} tokens/s, {self.wall_s:.1f} s, {self.commits} commits "
-            f"-> {self.output} (version {self.table_version})"
+            f"{self.tokens_per_s:.0f} tokens/s, {self.wall_s:.1f} s, {self.commits} data "
+            f"commits -> {self.output} (version {self.table_version})"
         )
 
 
+class Reporter:
+    """What a caller sees of a run as it goes (the CLI's console); this base shows nothing."""
+
+    forward_worker_logs = True  # Ray's log_to_driver, when this run starts Ray
+
+    def started(self, plan: RunPlan) -> None:
+        """Preflight passed; nothing is read yet."""
+
+    def progress(self, counts: Counts) -> None:
+        """The running counts, after each block of results."""
+
+    def finished(self) -> None:
+        """Every row is through (the final commit follows)."""
+
+
 def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=None,
-        encoder: type | None = None, calibration: str | None = None) -> Summary:
+        encoder: type | None = None, calibration: str | None = None,
+        reporter: Reporter | None = None) -> Summary:
     """Run one embed job to completion.
 
     Args:
@@ -66,35 +82,41 @@ def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=Non
         encoder: The encode stage's class (default ``EncodeActor``; tests wrap it).
         calibration: An int8 calibration stamp to reuse (a refresh's staging run passes
             its table's; default: the output's when adding to it, else calibrated anew).
+        reporter: Told when the run starts, how far it is, when it is through.
 
     Raises:
         EmbedError: a configuration or storage problem, before any model loads.
     """
     started = time.monotonic()
+    reporter = reporter or Reporter()
     plan = plan_run(config)
     if lookup is not None:
         plan = replace(plan, tokenize=replace(plan.tokenize, lookup=lookup))
     with Lease(output=config.output, ttl_s=config.lease_ttl_s, storage=plan.storage):
-        summary = _run(plan, started, registry, encoder or EncodeActor, calibration)
+        summary = _run(plan, started, registry, encoder or EncodeActor, calibration,
+                       reporter)
     if config.summary_json:
         write_json(config.summary_json, asdict(summary))
     return summary
 
 
 def _run(plan: RunPlan, started: float, registry, encoder: type,
-         calibration: str | None) -> Summary:
+         calibration: str | None, reporter: Reporter) -> Summary:
     """The run proper, under the output's lease."""
     config = plan.config
-    _init_ray(config)
+    _init_ray(config, reporter.forward_worker_logs)
     plan = calibrate.settle(plan, calibration)
     registry = registry or new_registry()
-    committer = _committer(plan)
+    committer = _committer(plan, started)
     seeded = _prepare_resume(plan, committer, registry) if plan.resumed else 0
+    reporter.started(plan)
     if plan.units:
         results = pipeline.build(plan, registry=registry, tracker=committer.tracker,
                                  encoder=encoder)
         for result in results.iter_batches(batch_size=None, batch_format="pyarrow"):
             committer.add(result)
+            reporter.progress(committer.counts)
+    reporter.finished()
     _check_one_to_one(committer, registry, seeded)
     committer.commit(create=True)
     # The final commit writes only metadata (progress + this summary): one more version.
@@ -113,16 +135,16 @@ def new_registry():
     return IdRegistry.remote()
 
 
-def _init_ray(config: EmbedConfig) -> None:
+def _init_ray(config: EmbedConfig, log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
     address = config.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     kwargs = {"include_dashboard": False} if address == "local" else {}
-    ray.init(address=address, log_to_driver=True, **kwargs)
+    ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
 
 
-def _committer(plan: RunPlan) -> Committer:
+def _committer(plan: RunPlan, started: float) -> Committer:
     cfg = plan.config
     done = dict(plan.resumed.done) if plan.resumed else {}
     return Committer(
@@ -134,6 +156,7 @@ def _committer(plan: RunPlan) -> Committer:
         rejected=TableCommitter(uri=cfg.rejected_uri, schema=S.REJECTED_SCHEMA,
                                 recreate=plan.recreate_rejected, storage=plan.storage),
         interval_s=cfg.commit_interval_s,
+        started=started,  # tokens/s in the commit lines and the summary: the same clock
     )
 
 

@@ -50,8 +50,13 @@ def ensure_id_index(dataset: lance.LanceDataset) -> None:
         dataset.create_scalar_index(S.OUT_ID, "BTREE")
 
 
-def refresh(config: EmbedConfig):
-    """Refresh ``config.output`` from ``config.input``; returns the run Summary."""
+def refresh(config: EmbedConfig, *, reporter=None):
+    """Refresh ``config.output`` from ``config.input``; returns the run Summary.
+
+    Args:
+        config: The job.
+        reporter: A ``driver.run.Reporter`` (the CLI's console), told how far the embed is.
+    """
     from embedjob.driver import preflight, run
 
     storage = Storage.resolve(config.storage_options)
@@ -63,12 +68,12 @@ def refresh(config: EmbedConfig):
     if mismatch:
         logger.warning("stamp changed (%s): re-embedding everything as a new version of %s",
                        ", ".join(mismatch), config.output)
-        return run.run(dataclasses.replace(config, mode="overwrite"))
+        return run.run(dataclasses.replace(config, mode="overwrite"), reporter=reporter)
     with Lease(output=config.output, ttl_s=config.lease_ttl_s, storage=storage):
-        return _refresh(config, storage)
+        return _refresh(config, storage, reporter)
 
 
-def _refresh(config: EmbedConfig, storage: Storage):
+def _refresh(config: EmbedConfig, storage: Storage, reporter=None):
     """Under the output's lease: staging embed, upsert, delete gone ids."""
     from embedjob.driver import run
 
@@ -78,7 +83,7 @@ def _refresh(config: EmbedConfig, storage: Storage):
     staging = S.sibling_uri(config.output, "staging")
     registry = run.new_registry()
     summary = run.run(_staging_config(config, staging, storage), lookup=lookup,
-                      registry=registry,
+                      registry=registry, reporter=reporter,
                       calibration=S.schema_metadata(output.schema).get(S.INT8_CALIBRATION))
     _upsert(config.output, staging, storage)
     deleted = 0 if config.keep_deleted else _delete_gone(config.output, storage, registry)

@@ -147,6 +147,42 @@ def parquet_metadata(unit: str, spec: ReadSpec, size: int | None = None):
                           ).metadata
 
 
+COUNTED_UNITS = 64  # footers read for a row count; more units are extrapolated by bytes
+SAMPLED_BYTES = 1 << 20  # JSON lines / CSV: rows per byte from this much of the first file
+
+
+def estimate_rows(units: list[str], spec: ReadSpec, sizes: dict[str, int]) -> tuple[int, bool]:
+    """Rows in ``units`` and whether the count is exact.
+
+    Exact for Lance fragments and for Parquet up to ``COUNTED_UNITS`` files (their metadata);
+    more Parquet files, JSON lines and CSV are extrapolated by bytes from what was counted.
+
+    Args:
+        units: The units to count.
+        spec: The read spec (format, storage).
+        sizes: Bytes per file unit (Lance fragments need none).
+    """
+    if not units:
+        return 0, True
+    if spec.format == "lance":
+        dataset = spec.storage.open_lance(units[0].rpartition("#")[0])
+        wanted = {int(u.rpartition("#")[2]) for u in units}
+        return sum(f.count_rows() for f in dataset.get_fragments()
+                   if f.fragment_id in wanted), True
+    if spec.format == "parquet":
+        counted = units[:COUNTED_UNITS]
+        rows = sum(parquet_rows(unit, spec, sizes.get(unit) or None) for unit in counted)
+        if len(counted) == len(units):
+            return rows, True
+        counted_bytes = sum(sizes.get(u, 0) for u in counted)
+    else:  # lines in the head of the first file (a CSV header is one row too many)
+        with _open(units[0], spec) as handle:
+            head = handle.read(SAMPLED_BYTES)
+        rows, counted_bytes = head.count(b"\n") or 1, len(head)
+    total_bytes = sum(sizes.get(u, 0) for u in units)
+    return int(rows * total_bytes / max(counted_bytes, 1)), False
+
+
 def _raw_batches(unit: str, spec: ReadSpec) -> Iterator[tuple[pa.Table, int]]:
     """Yield (raw table, index of its first row in the unit).
 
