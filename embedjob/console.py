@@ -8,6 +8,12 @@ as they come (nothing is captured).
 While a command runs (not verbose) the process's stderr (file descriptor 2) points at the log
 file: Ray's C++ core worker, its Python loggers, warnings and the Ray processes started from
 here write there, whatever their logging setup; the job's own warnings are still shown.
+
+Two lines of a healthy run land only in the log file, on purpose: Ray's core worker ERROR
+"constructor arguments in the object store and max_restarts > 0" (Ray Data always puts an
+actor stage's functions in the object store, ``MapOperator._map_transformer_ref``, and the
+driver holds that reference for the whole run, so a restarted actor finds it), and Ray's
+token-authentication notice for the local cluster it starts.
 """
 
 from __future__ import annotations
