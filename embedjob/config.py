@@ -79,6 +79,11 @@ class EmbedConfig:
         None, commands=ALL,
         help="the model's task (adapter + instruction prefix); default: retrieval.passage "
              "for jina-v3, none for other models")
+    prompt_name: str | None = knob(
+        None, commands=ALL,
+        help="a sentence-transformers model's prompt, by its name in "
+             "config_sentence_transformers.json (e.g. query, passage); default: its "
+             "default_prompt_name, else none")
     dims: tuple[int, ...] = knob(
         (), commands=ALL, metavar="D,D,...",
         help="dims to store, e.g. 1024,256,64: the full dim is always stored as `vector`, "

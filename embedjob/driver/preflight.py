@@ -211,8 +211,7 @@ def model_plan(
 ) -> tuple[ModelSpec, str | None, tuple[int, ...]]:
     """The model's spec, the task (default filled in) and every stored dim, full one first."""
     spec = load_spec(config.model, filesystem=storage.fsspec(config.model))
-    task = config.task if config.task is not None else spec.default_task
-    spec.check_task(task)
+    task = _task(config, spec)
     for dim in config.dims:
         spec.check_dim(dim)
     return spec, task, (spec.hidden_size, *(d for d in config.dims if d != spec.hidden_size))
@@ -226,6 +225,22 @@ def quantize_plan(
     if not config.no_float_dims:
         return quantize, None
     return quantize, tuple(d for d in dims if d not in config.no_float_dims)
+
+
+def _task(config: EmbedConfig, spec: ModelSpec) -> str | None:
+    """``--prompt-name`` (a generic model's named prompt) or ``--task``, default filled in."""
+    if config.prompt_name is None:
+        task = config.task if config.task is not None else spec.default_task
+        spec.check_task(task)
+        return task
+    prompts = [t for t in spec.tasks if t in spec.instructions] if spec.kind == "generic" else []
+    if config.prompt_name not in prompts:
+        raise ConfigError(f"--prompt-name {config.prompt_name!r} not in the model's prompts "
+                          f"{prompts} (config_sentence_transformers.json)")
+    if config.task is not None and config.task != config.prompt_name:
+        raise ConfigError(f"--task {config.task!r} and --prompt-name {config.prompt_name!r} "
+                          "differ: give one")
+    return config.prompt_name
 
 
 def plan_stamp(config: EmbedConfig) -> dict[str, str]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from embedjob.errors import MergedTaskError, UnsupportedDimError
+from embedjob.errors import MergedTaskError, UnknownTaskError, UnsupportedDimError
 from embedjob.model.attention import has_fused_varlen, install_varlen
 from embedjob.model.generic import load_generic_model, position_offset
 from embedjob.model.head import load_head, pool
@@ -62,7 +62,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
 def load_embedder(
     source: str,
     *,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: torch.dtype | str | None = None,
     merge_task: str | None = None,
     filesystem: Any = None,
@@ -72,7 +72,7 @@ def load_embedder(
 
     Args:
         source: Local directory, ``s3://`` prefix or hub id (``jinaai/jina-embeddings-v3``).
-        device: Torch device, e.g. ``cpu`` or ``cuda:0``.
+        device: Torch device, e.g. ``cpu`` or ``cuda:0``; None: ``cuda`` when available.
         dtype: Compute dtype; None means fp32 on CPU, bf16 on CUDA.
         merge_task: Merge this task's adapter into the weights (faster; only this task).
         filesystem: fsspec filesystem for ``s3://`` (default ``s3fs.S3FileSystem()``).
@@ -85,7 +85,7 @@ def load_embedder(
         UnknownTaskError: ``merge_task`` is not one of the model's adapter tasks.
     """
     spec = spec_from_resolved(resolve(source, filesystem=filesystem, weights=True))
-    torch_device = torch.device(device)
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = resolve_dtype(dtype, torch_device)
     config = read_config(spec.local_dir)
     head = None
@@ -93,8 +93,9 @@ def load_embedder(
         spec.check_task(merge_task)
         model = load_jina(spec, dtype=torch_dtype, merge_task=merge_task)
     else:
-        if merge_task is not None:
+        if merge_task is not None and merge_task not in spec.tasks:
             raise MergedTaskError(f"merge_task {merge_task!r}: {source} has no adapters to merge")
+        merge_task = None  # a generic model's tasks are prompts: nothing to merge
         model = load_generic_model(spec.local_dir, dtype=torch_dtype)
         head = load_head(spec.local_dir, spec.head) if spec.head else None
     model.to(torch_device)
@@ -166,21 +167,33 @@ class Embedder:
                 "merge_task to encode other tasks"
             )
 
-    def encode(self, texts: Sequence[str], *, task: str | None = None, dim: int | None = None,
-               batch_size: int = 32) -> np.ndarray:
-        """Embed raw texts like the original ``encode()``.
+    def encode(self, texts: Sequence[str], *, task: str | None = None,
+               truncate_dim: int | None = None, prompt_name: str | None = None,
+               batch_size: int = 32, normalize: bool = True,
+               dim: int | None = None) -> np.ndarray:
+        """Embed raw texts like jina's and sentence-transformers' ``encode()``.
 
         Args:
-            texts: Raw texts; the task's instruction prefix is added here.
-            task: Task (adapter + prefix); None means no adapter (the base model).
-            dim: Matryoshka dim; None for the full ``hidden_size``.
+            texts: Raw texts; the task's instruction prefix (prompt) is added here.
+            task: Task (adapter + prefix); None means no adapter (the base model), or for a
+                sentence-transformers model its ``default_prompt_name`` (as its ``encode``).
+            truncate_dim: Matryoshka dim; None for the full ``hidden_size``.
+            prompt_name: A sentence-transformers prompt by name (the same as ``task`` for
+                generic models).
             batch_size: Rows per forward (texts are length-sorted first).
+            normalize: L2-normalise (after truncation); False returns the pooled vectors as
+                the model's last module leaves them.
+            dim: Alias of ``truncate_dim``.
 
         Returns:
-            float32 [n, dim or hidden_size], L2-normalised, in input order.
+            float32 [n, truncate_dim or hidden_size], in input order.
         """
+        task = self._encode_task(task, prompt_name)
+        if dim is not None and truncate_dim is not None and dim != truncate_dim:
+            raise ValueError(f"dim {dim} and truncate_dim {truncate_dim} differ: give one")
+        truncate_dim = truncate_dim if truncate_dim is not None else dim
         self.check_task(task)
-        self.spec.check_dim(dim)
+        self.spec.check_dim(truncate_dim)
         tokenized = self.tokenizer.tokenize(list(texts), task)
         if tokenized.truncated.any():
             logger.warning("%d of %d texts truncated to %d tokens: indices %s",
@@ -190,11 +203,29 @@ class Embedder:
         order = sorted(range(len(texts)), key=lambda i: -len(tokenized.ids[i]))
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            out[rows] = self.encode_ids([tokenized.ids[i] for i in rows], task=task)
-        return out if dim is None else matryoshka(out, dim)
+            out[rows] = self.encode_ids([tokenized.ids[i] for i in rows], task=task,
+                                        normalize=normalize)
+        if truncate_dim is None:
+            return out
+        return matryoshka(out, truncate_dim) if normalize else out[:, :truncate_dim].copy()
+
+    def _encode_task(self, task: str | None, prompt_name: str | None) -> str | None:
+        """The task ``encode`` runs: ``prompt_name`` or ``task``; a generic model's default
+        prompt when neither is given."""
+        if prompt_name is not None:
+            if self.spec.kind != "generic":
+                raise UnknownTaskError(f"prompt_name {prompt_name!r}: {self.spec.source} has "
+                                       f"no named prompts; its tasks are {list(self.tasks)}")
+            if task is not None and task != prompt_name:
+                raise ValueError(f"task {task!r} and prompt_name {prompt_name!r} differ")
+            return prompt_name
+        if task is None and self.spec.kind == "generic":
+            return self.spec.default_task
+        return task
 
     def encode_ids(self, ids: Sequence[np.ndarray], *, task: str | None = None,
-                   tasks: Sequence[str | None] | None = None, packed: bool = False) -> np.ndarray:
+                   tasks: Sequence[str | None] | None = None, packed: bool = False,
+                   normalize: bool = True) -> np.ndarray:
         """Embed already-tokenized texts (special tokens and prefix included, truncated).
 
         Args:
@@ -203,6 +234,7 @@ class Embedder:
             tasks: One task per row.
             packed: Concatenate all rows into one sequence (one per task) that attends within
                 each row only, instead of right-padding; results equal (fp32, 1e-5).
+            normalize: False: the pooled vectors before L2 normalisation.
 
         Returns:
             float32 [n, hidden_size], L2-normalised full-dim vectors in input order.
@@ -213,11 +245,11 @@ class Embedder:
         with torch.inference_mode():
             if not packed:
                 with self._adapters(row_tasks) as extra:
-                    return self._pool_padded(ids, extra, row_tasks).cpu().numpy()
+                    return self._pool_padded(ids, extra, row_tasks, normalize).cpu().numpy()
             pooled = torch.empty(len(ids), self.hidden_size, dtype=torch.float32)
             for t, rows in _group_rows(row_tasks).items():
                 with self._adapters([t]):
-                    pooled[rows] = self._pool_packed([ids[i] for i in rows], t).cpu()
+                    pooled[rows] = self._pool_packed([ids[i] for i in rows], t, normalize).cpu()
             return pooled.numpy()
 
     def encode_batches(self, batches: Sequence[Sequence[np.ndarray]], *, task: str | None = None,
@@ -318,7 +350,7 @@ class Embedder:
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _pool_padded(self, ids: Sequence[np.ndarray], extra: dict[str, Any],
-                     row_tasks: Sequence[str | None]) -> torch.Tensor:
+                     row_tasks: Sequence[str | None], normalize: bool = True) -> torch.Tensor:
         """Right-padded forward in the current adapter state; normalised fp32 [n, H], on the
         device. ``extra``: model kwargs from ``_adapters``; ``row_tasks``: each row's task
         (its prompt is left out of pooling when the model says so)."""
@@ -335,9 +367,10 @@ class Embedder:
                                attention_mask=None if lengths.min() == longest else mask)
         skip = self._skip(row_tasks)
         return self._finish(pool(out.last_hidden_state, mask, self.spec.pooling,
-                                 None if skip is None else skip.to(mask.device)))
+                                 None if skip is None else skip.to(mask.device)), normalize)
 
-    def _pool_packed(self, ids: Sequence[np.ndarray], task: str | None) -> torch.Tensor:
+    def _pool_packed(self, ids: Sequence[np.ndarray], task: str | None,
+                     normalize: bool = True) -> torch.Tensor:
         """All rows as one sequence with restarting positions, attending within each row only,
         in the current adapter state (one ``task`` for all rows); normalised fp32 [n, H], on
         the device."""
@@ -377,13 +410,13 @@ class Embedder:
                     < offsets.diff()[:, None])  # [n, longest]
             pooled = pool(padded, mask, self.spec.pooling,
                           None if skip is None else skip.to(hidden.device))
-        return self._finish(pooled)
+        return self._finish(pooled, normalize)
 
-    def _finish(self, pooled: torch.Tensor) -> torch.Tensor:
+    def _finish(self, pooled: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Dense / Normalize modules (if any), then L2 normalisation: fp32 [n, H]."""
         if self.head is not None:
             pooled = self.head(pooled)
-        return F.normalize(pooled, p=2, dim=-1)
+        return F.normalize(pooled, p=2, dim=-1) if normalize else pooled
 
     def _skip(self, row_tasks: Sequence[str | None]) -> torch.Tensor | None:
         """[n] prompt tokens each row leaves out of pooling, or None (prompts are pooled)."""

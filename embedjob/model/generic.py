@@ -192,10 +192,26 @@ def activation_class(name: str) -> type:
                           "(code from elsewhere is never imported)")
 
 
-def read_prompts(local_dir: str | Path) -> dict[str, str]:
-    """Task -> prefix from sentence-transformers ``prompts`` (query/passage only); usually {}."""
-    prompts = _read_json(Path(local_dir) / "config_sentence_transformers.json").get("prompts", {})
-    return {task: prompts[name] for name, task in PROMPT_TASKS.items() if prompts.get(name)}
+def read_prompts(local_dir: str | Path) -> tuple[dict[str, str], str | None]:
+    """Named prompts of ``config_sentence_transformers.json`` and its ``default_prompt_name``.
+
+    Every prompt is offered by its own name (``--prompt-name`` / ``--task``); ``query`` and
+    ``passage`` are also offered as the tasks ``retrieval.query`` / ``retrieval.passage``.
+
+    Returns:
+        ({name or alias: prompt text}, default prompt name or None).
+
+    Raises:
+        CheckpointError: ``default_prompt_name`` names no prompt.
+    """
+    path = Path(local_dir) / "config_sentence_transformers.json"
+    config = _read_json(path)
+    prompts = {str(k): str(v) for k, v in (config.get("prompts") or {}).items()}
+    default = config.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise CheckpointError(f"{path}: default_prompt_name {default!r} not in {list(prompts)}")
+    aliases = {task: prompts[name] for name, task in PROMPT_TASKS.items() if prompts.get(name)}
+    return {**prompts, **aliases}, default
 
 
 def load_generic_model(local_dir: str, *, dtype: Any) -> Any:

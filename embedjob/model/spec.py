@@ -46,8 +46,11 @@ class ModelSpec:
     Attributes:
         source: The source as given (local dir, ``s3://`` prefix or hub id).
         kind: ``jina-v3`` (task adapters) or ``generic`` (plain HF encoder).
-        tasks: Valid task names; empty for generic encoders.
-        default_task: The task a job uses when none is given (None: no adapter).
+        tasks: Valid task names; for generic encoders the names of their sentence-transformers
+            prompts (plus ``retrieval.query`` / ``retrieval.passage`` for ``query`` /
+            ``passage``), usually none.
+        default_task: The task a job uses when none is given (None: no adapter; generic
+            encoders: their ``default_prompt_name``).
         instructions: Task -> instruction prefix prepended to the text before tokenizing.
         matryoshka_dims: Dims a vector may be truncated to (ascending, last = hidden_size).
         hidden_size: Full embedding width.
@@ -249,12 +252,13 @@ def spec_from_resolved(resolved: ResolvedSource) -> ModelSpec:
         "max_tokens": max_tokens(resolved.local_dir, config),
     }
     if checkpoint_layout(config) == "generic":
-        prompts = generic.read_prompts(resolved.local_dir)
+        prompts, default_prompt = generic.read_prompts(resolved.local_dir)
         head = generic.read_head(resolved.local_dir, common["hidden_size"])
         common.update(hidden_size=head.dim,
                       max_tokens=max_tokens(resolved.local_dir, config, head.max_seq_length))
         return ModelSpec(
-            kind="generic", tasks=tuple(prompts), default_task=None, instructions=prompts,
+            kind="generic", tasks=tuple(prompts), default_task=default_prompt,
+            instructions=prompts,
             matryoshka_dims=(head.dim,), pooling=head.pooling, head=head, **common,
         )
     meta = {k: config.get(k, v) for k, v in JINA_V3_DEFAULTS.items()}

@@ -41,6 +41,10 @@ QUERY_TASKS: dict[str, str | None] = {
     "separation": "separation",
     "classification": "classification",
     "": None,
+    # sentence-transformers prompt names (generic encoders): documents pair with "query"
+    "query": "query",
+    "passage": "query",
+    "document": "query",
 }
 # sentence-transformers prompt name -> the task name it serves (prefix only, no adapter).
 PROMPT_TASKS: dict[str, str] = {"query": "retrieval.query", "passage": "retrieval.passage"}
