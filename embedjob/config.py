@@ -125,6 +125,12 @@ class EmbedConfig:
         None, commands=RUNS,
         help="most tokenize tasks at once (default: as CPUs allow; `embedjob plan` measures "
              "how many keep the encode actors fed)")
+    read_unit_bytes: int = knob(
+        64 * 1024 * 1024, commands=RUNS,
+        help="bytes of input per read unit (the unit of parallelism, retry and resume): a "
+             "bigger file is read as byte ranges of this size (JSON lines / CSV: the lines "
+             "starting in the range; Parquet: the row groups starting in it); 64 MiB is "
+             "64k-256k rows of 250-1000 bytes")
     read_memory_bytes: int = knob(
         512 * 1024 * 1024, commands=RUNS,
         help="memory reserved per read task (one unit at a time in 8192-row batches; a Parquet "
@@ -195,7 +201,8 @@ class EmbedConfig:
         _require(self.vector_dtype in VECTOR_DTYPES, "vector_dtype", self.vector_dtype,
                  VECTOR_DTYPES)
         for name in ("max_tokens_per_batch", "window_rows", "num_actors", "tokenize_batch_rows",
-                     "write_batch_rows", "read_memory_bytes", "actor_prefetch"):
+                     "write_batch_rows", "read_memory_bytes", "actor_prefetch",
+                     "read_unit_bytes"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 1, name, value, "an integer >= 1")
         _require(self.tokenize_tasks is None or (_is_int(self.tokenize_tasks)

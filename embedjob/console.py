@@ -230,7 +230,7 @@ class RunView:
         from embedjob.stages.read import estimate_rows
 
         cfg = plan.config
-        sizes = {u: int(fp.split(":")[0]) for u, fp in plan.fingerprints.items() if ":" in fp}
+        sizes = {f: int(fp.split(":")[0]) for f, fp in plan.fingerprints.items() if ":" in fp}
         total, exact = estimate_rows(plan.units, plan.read, sizes)
         if plan.resumed:
             state = (f"resuming an interrupted run: {len(plan.resumed.done)} of "

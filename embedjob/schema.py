@@ -15,8 +15,9 @@ import pyarrow as pa
 
 # --- columns that travel between stages (internal: never written as they are) -------------
 
-SOURCE = "_source"  # the input unit's file (or Lance dataset) the row came from
-ROW = "_row"  # the row's index in that file
+SOURCE = "_source"  # the file (or Lance fragment) the row came from
+ROW = "_row"  # the row's key in that file (its index; stages/read.py for split text files)
+UNIT = "_unit"  # the read unit the row came from (a file, a byte range of one, a fragment)
 ID = "_id"  # the row's id, cast to the output id type
 TEXT = "_text"  # the text (null when not a string); dropped after tokenizing
 STATUS = "_status"  # int8 Status
@@ -163,7 +164,8 @@ REJECTED_SCHEMA = pa.schema([
     pa.field("source", pa.string()),
     pa.field("row", pa.int64()),
 ])
-REJECTED_SOURCE = "source"  # the rejected table's lineage column (resume deletes by it)
+REJECTED_SOURCE = "source"  # the rejected table's lineage columns (resume deletes by them)
+REJECTED_ROW = "row"
 
 
 # --- stamp: schema metadata saying what made the vectors ----------------------------------

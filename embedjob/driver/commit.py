@@ -120,8 +120,9 @@ class Committer:
         # siblings are not yet visible.
         self.rejected.commit(force=create)
         self.main.commit(force=create)
-        self.ledger.on_commit(ray.get(self.tracker.totals.remote()))
-        record = ProgressRecord(run_key=self.run_key, done=self.ledger.done, complete=final)
+        self.ledger.on_commit(ray.get(self.tracker.take.remote()))
+        record = ProgressRecord(run_key=self.run_key, done=self.ledger.done,
+                                ranges=self.ledger.ranges, complete=final)
         metadata = {PROGRESS_KEY: record.to_json()}
         if last_run is not None:
             metadata[LAST_RUN_KEY] = last_run

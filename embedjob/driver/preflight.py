@@ -40,7 +40,7 @@ class RunPlan:
     config: EmbedConfig
     storage: Storage = field(repr=False)
     units: list[str]  # still to embed (all of them, unless resuming)
-    fingerprints: dict[str, str]  # every input unit -> size:mtime
+    fingerprints: dict[str, str]  # every input file (or Lance fragment) -> size:mtime
     run_key: str
     resumed: ProgressRecord | None  # the interrupted attempt this run continues
     model: ModelSpec
@@ -78,11 +78,11 @@ def plan_run(config: EmbedConfig) -> RunPlan:
     spec, task, dims = model_plan(config, storage)
     quantize, float_dims = quantize_plan(config, dims)
     read_spec, keep_fields = read_spec_for(config, fmt, inputs, storage)
-    units = [i.uri for i in inputs]
+    units = read.plan_units(inputs, config.read_unit_bytes)
     settings = {"input": config.input, "format": fmt, "weights": spec.fingerprint,
                 "task": task, "dims": dims, "id": config.id_column,
                 "text": config.text_column, "keep": config.keep_columns,
-                "dtype": config.vector_dtype}
+                "dtype": config.vector_dtype, "unit_bytes": config.read_unit_bytes}
     if quantize:  # (only then: older runs' keys stay valid)
         settings |= {"quantize": {str(d): f for d, f in quantize.items()},
                      "float_dims": float_dims}
@@ -134,10 +134,12 @@ def _resumable(
     if record.run_key != key:
         raise OutputExistsError(
             f"output {config.output!r} holds an interrupted run with other settings "
-            "(input, model weights, task, dims, columns or vector dtype differ); rerun it "
+            "(input, model weights, task, dims, columns, vector dtype or read unit bytes "
+            "differ); rerun it "
             "with the same settings to resume, or pass --mode overwrite to start over"
         )
-    changed = [u for u, fp in record.done.items() if fingerprints.get(u) != fp]
+    changed = sorted({read.unit_file(u) for u, fp in record.done.items()
+                      if fingerprints.get(read.unit_file(u)) != fp})
     if changed:
         raise InputError(
             f"input changed since the interrupted run of {config.output!r}: {changed[:5]} "

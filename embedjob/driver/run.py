@@ -8,7 +8,6 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 
-import pyarrow.compute as pc
 import ray
 
 from embedjob import schema as S
@@ -147,8 +146,9 @@ def _init_ray(config: EmbedConfig, log_to_driver: bool = True) -> None:
 def _committer(plan: RunPlan, started: float) -> Committer:
     cfg = plan.config
     done = dict(plan.resumed.done) if plan.resumed else {}
+    ranges = dict(plan.resumed.ranges) if plan.resumed else {}
     return Committer(
-        ledger=progress.UnitLedger(fingerprints=plan.fingerprints, done=done),
+        ledger=progress.UnitLedger(fingerprints=plan.fingerprints, done=done, ranges=ranges),
         tracker=progress.ReadTracker.remote(),
         run_key=plan.run_key,
         main=TableCommitter(uri=cfg.output, schema=plan.schema, recreate=plan.recreate_output,
@@ -166,10 +166,13 @@ def _prepare_resume(plan: RunPlan, committer: Committer, registry) -> int:
     Returns:
         How many ids the finished units hold (claimed before any new row).
     """
-    if plan.units:
-        committer.main.dataset().delete(pc.field(S.SOURCE_FILE).isin(plan.units))
+    record = plan.resumed
+    main = progress.unfinished_rows(plan.units, record, S.SOURCE_FILE, S.SOURCE_ROW)
+    if main is not None:
+        committer.main.dataset().delete(main)
         if plan.storage.lance_exists(plan.config.rejected_uri):
-            committer.rejected.dataset().delete(pc.field(S.REJECTED_SOURCE).isin(plan.units))
+            committer.rejected.dataset().delete(progress.unfinished_rows(
+                plan.units, record, S.REJECTED_SOURCE, S.REJECTED_ROW))
     seeded = 0
     for batch in committer.main.dataset().to_batches(columns=[S.OUT_ID], batch_size=65536):
         ids = batch.column(S.OUT_ID).to_pylist()

@@ -1,10 +1,21 @@
 """Read stage: stream rows out of input units, tagged with where they came from.
 
-A unit is one input file (or one fragment of a Lance input). Each unit is read in bounded
-record batches, so no task ever holds a whole file. Every row leaves this stage with its
-identity: ``_source`` (the file) and ``_row`` (its index in the file), the id cast to the
-output id type, the text (null when it is not a string), the kept columns, and ``_reason``
-(null, or why the row cannot be embedded; the check stage turns it into a status).
+A unit is a file up to ``read_unit_bytes``, a half-open byte range ``file#bytes=A-B`` of a
+bigger one, or a fragment of a Lance input (``uri#<id>``); unit names come from the listing
+alone (no footer is read to plan them) and are stable between runs. A byte range holds:
+
+- JSON lines / CSV: the lines whose first byte lies in ``[A, B)`` (a line straddling B
+  belongs to the range it starts in; each CSV range is parsed under the file's header line);
+- Parquet: the row groups whose first byte lies in ``[A, B)`` (a row group is never split:
+  pyarrow decodes it whole).
+
+Each unit is read in bounded record batches, so no task ever holds a whole file. Every row
+leaves this stage with its identity: ``_source`` (the file), ``_row`` (its key in the file:
+the row index for Parquet, Lance and unsplit files; for a split text file the range's first
+byte plus the row's index in the range: unique, ordered and inside ``[A, B)``) and ``_unit``,
+the id cast to the output id type, the text (null when it is not a string), the kept columns,
+and ``_reason`` (null, or why the row cannot be embedded; the check stage turns it into a
+status).
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ class ReadSpec:
             [
                 pa.field(S.SOURCE, pa.string()),
                 pa.field(S.ROW, pa.int64()),
+                pa.field(S.UNIT, pa.string()),
                 pa.field(S.ID, self.id_type),
                 pa.field(S.TEXT, pa.string()),
                 pa.field(S.REASON, pa.string()),
@@ -74,26 +86,67 @@ def list_inputs(uri: str, fmt: str, storage: Storage) -> list[Listed]:
     return storage.list_files(uri, SUFFIXES[fmt])
 
 
-def read_units(batch: pa.Table, spec: ReadSpec, tracker=None) -> Iterator[pa.Table]:
-    """``map_batches`` body: one input row per unit URI, yields bounded row blocks.
+RANGE_MARK = "#bytes="
 
-    When a unit is read to its end, its row count goes to ``tracker`` (a ReadTracker),
-    so the driver can tell when every row of the unit is committed.
+
+def plan_units(inputs: list[Listed], unit_bytes: int) -> list[str]:
+    """Read units from the listing alone: a file up to ``unit_bytes`` is one unit named by
+    its URI; a bigger one becomes ``uri#bytes=A-B`` ranges of ``unit_bytes`` (the last one
+    ends at the file's size). Lance fragments stay as listed."""
+    units: list[str] = []
+    for listed in inputs:
+        if listed.fingerprint == "fragment" or listed.size <= unit_bytes:
+            units.append(listed.uri)
+            continue
+        units += [f"{listed.uri}{RANGE_MARK}{a}-{min(a + unit_bytes, listed.size)}"
+                  for a in range(0, listed.size, unit_bytes)]
+    return units
+
+
+def split_unit(unit: str) -> tuple[str, int, int | None]:
+    """``(file, A, B)`` of a byte-range unit; ``(unit, 0, None)`` for a whole one."""
+    path, mark, span = unit.rpartition(RANGE_MARK)
+    if not mark:
+        return unit, 0, None
+    start, _, end = span.partition("-")
+    return path, int(start), int(end)
+
+
+def unit_file(unit: str) -> str:
+    """The file (or Lance fragment) a unit belongs to."""
+    return split_unit(unit)[0]
+
+
+def read_units(batch: pa.Table, spec: ReadSpec, tracker=None) -> Iterator[pa.Table]:
+    """``map_batches`` body: one input row per unit, yields bounded row blocks.
+
+    When a unit is read to its end, its row count and, for a byte range, the key range its
+    rows may occupy (``[lo, hi)`` of ``_row``) go to ``tracker`` (a ReadTracker), so the
+    driver can tell when every row of the unit is committed and, on a resume, which rows of
+    a partly done file to delete.
     """
     import ray
 
     for unit in batch.column("unit").to_pylist():
-        rows = 0
+        rows, bounds = 0, {}
         try:
-            for raw, first_row in _raw_batches(unit, spec):
-                rows = first_row + raw.num_rows
+            for raw, first_row in _raw_batches(unit, spec, bounds):
+                rows += raw.num_rows
                 yield normalize(raw, unit, first_row, spec)
         except (pa.ArrowInvalid, OSError) as exc:  # transient ones were retried already
             reason = _unreadable(unit, rows, spec, exc)
-            yield _unit_rejected(unit, reason, spec)
+            yield _unit_rejected(unit, reason, spec, bounds, rows)
             rows += 1  # the unit's one rejected row counts toward its rows
         if tracker is not None:
-            ray.get(tracker.unit_read.remote(unit, rows))
+            ray.get(tracker.unit_read.remote(unit, rows, _key_range(unit, bounds)))
+
+
+def _key_range(unit: str, bounds: dict) -> tuple[int, int] | None:
+    """The ``_row`` keys a byte-range unit owns (None for a whole file or fragment)."""
+    _, start, end = split_unit(unit)
+    if end is None:
+        return None
+    return bounds.get("lo", start), bounds.get("hi", end)
 
 
 def _unreadable(unit: str, rows: int, spec: ReadSpec, exc: BaseException) -> str:
@@ -106,17 +159,21 @@ def _unreadable(unit: str, rows: int, spec: ReadSpec, exc: BaseException) -> str
     return reason
 
 
-def _unit_rejected(unit: str, reason: str, spec: ReadSpec) -> pa.Table:
-    """One rejected row (no id, row -1) standing for the unreadable rest of ``unit``."""
+def _unit_rejected(unit: str, reason: str, spec: ReadSpec, bounds: dict,
+                   rows: int) -> pa.Table:
+    """One rejected row (no id) standing for the unreadable rest of ``unit``: row -1 for a
+    whole file, else the key after the unit's last row read (inside the unit's key range)."""
+    path, start, end = split_unit(unit)
+    row = -1 if end is None else bounds.get("lo", start) + rows
     columns = {field.name: pa.nulls(1, field.type) for field in spec.schema()}
-    columns |= {S.SOURCE: pa.array([unit]), S.ROW: pa.array([-1], pa.int64()),
-                S.REASON: pa.array([reason])}
+    columns |= {S.SOURCE: pa.array([path]), S.ROW: pa.array([row], pa.int64()),
+                S.UNIT: pa.array([unit]), S.REASON: pa.array([reason])}
     return pa.table(columns, schema=spec.schema())
 
 
 def iter_rows(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
     """One unit's rows in this stage's schema (without a tracker)."""
-    for raw, first_row in _raw_batches(unit, spec):
+    for raw, first_row in _raw_batches(unit, spec, {}):
         yield normalize(raw, unit, first_row, spec)
 
 
@@ -169,36 +226,42 @@ def estimate_rows(units: list[str], spec: ReadSpec, sizes: dict[str, int]) -> tu
         wanted = {int(u.rpartition("#")[2]) for u in units}
         return sum(f.count_rows() for f in dataset.get_fragments()
                    if f.fragment_id in wanted), True
+    # a byte-range unit counts its range's bytes; footers are read per file
+    unit_bytes = {u: (end - start) if end is not None else sizes.get(u, 0)
+                  for u, (_, start, end) in ((u, split_unit(u)) for u in units)}
+    files = list(dict.fromkeys(unit_file(u) for u in units))
     if spec.format == "parquet":
-        counted = units[:COUNTED_UNITS]
-        rows = sum(parquet_rows(unit, spec, sizes.get(unit) or None) for unit in counted)
-        if len(counted) == len(units):
+        counted = files[:COUNTED_UNITS]
+        rows = sum(parquet_rows(f, spec, sizes.get(f) or None) for f in counted)
+        if len(counted) == len(units):  # every unit a whole file, every file counted
             return rows, True
-        counted_bytes = sum(sizes.get(u, 0) for u in counted)
+        counted_bytes = sum(sizes.get(f, 0) for f in counted)
     else:  # lines in the head of the first file (a CSV header is one row too many)
-        with _open(units[0], spec) as handle:
+        with _open(files[0], spec) as handle:
             head = handle.read(SAMPLED_BYTES)
         rows, counted_bytes = head.count(b"\n") or 1, len(head)
-    total_bytes = sum(sizes.get(u, 0) for u in units)
+    total_bytes = sum(unit_bytes.values())
     return int(rows * total_bytes / max(counted_bytes, 1)), False
 
 
-def _raw_batches(unit: str, spec: ReadSpec) -> Iterator[tuple[pa.Table, int]]:
-    """Yield (raw table, index of its first row in the unit).
+def _raw_batches(unit: str, spec: ReadSpec, bounds: dict) -> Iterator[tuple[pa.Table, int]]:
+    """Yield (raw table, key of its first row; keys are consecutive within a table).
 
-    A transient storage error (errors.TRANSIENT_ERRORS) reopens the unit after a backoff and
-    goes on after the last row yielded, so an outage of the store costs no row twice.
+    A transient storage error (errors.TRANSIENT_ERRORS) reopens the unit (never the whole
+    file) after a backoff and goes on after the last row yielded, so an outage of the store
+    costs no row twice. ``bounds`` receives the unit's key range when the reader learns it.
     """
     done, backoff = 0, Backoff(f"reading {unit}")
     while True:
         try:
-            row = 0
-            for table in _READERS[spec.format](unit, spec):
-                end = row + table.num_rows
+            position = 0  # rows of the unit seen in this attempt
+            for table, first in _READERS[spec.format](unit, spec, bounds):
+                end = position + table.num_rows
                 if end > done:
-                    yield table.slice(done - row) if row < done else table, max(row, done)
+                    skip = max(0, done - position)
+                    yield (table.slice(skip) if skip else table), first + skip
                     done = end
-                row = end
+                position = end
             return
         except (pa.ArrowInvalid, OSError) as exc:
             backoff.wait(exc)  # re-raises what is not transient
@@ -208,42 +271,100 @@ def _open(unit: str, spec: ReadSpec):
     return spec.storage.open_input(unit)
 
 
-def _read_parquet(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
+def _read_parquet(unit: str, spec: ReadSpec, bounds: dict) -> Iterator[tuple[pa.Table, int]]:
     import pyarrow.parquet as pq
 
-    with _open(unit, spec) as handle:
+    path, start, end = split_unit(unit)
+    with _open(path, spec) as handle:
         parquet = pq.ParquetFile(handle)
         wanted = [c for c in _wanted(spec) if c in parquet.schema_arrow.names]
-        for record_batch in parquet.iter_batches(READ_BATCH_ROWS, columns=wanted):
-            yield pa.Table.from_batches([record_batch])
+        groups = row_groups_in(parquet.metadata, start, end)
+        if groups:
+            last, last_first = groups[-1]
+            bounds.update(lo=groups[0][1],
+                          hi=last_first + parquet.metadata.row_group(last).num_rows)
+        else:
+            bounds.update(lo=0, hi=0)
+        for group, row in groups:
+            for record_batch in parquet.iter_batches(READ_BATCH_ROWS, row_groups=[group],
+                                                     columns=wanted):
+                yield pa.Table.from_batches([record_batch]), row
+                row += record_batch.num_rows
 
 
-def _read_csv(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
+def row_groups_in(metadata, start: int, end: int | None) -> list[tuple[int, int]]:
+    """``(row group, index of its first row)`` for the row groups whose first byte lies in
+    ``[start, end)`` (every row group when ``end`` is None)."""
+    groups, first_row = [], 0
+    for index in range(metadata.num_row_groups):
+        group = metadata.row_group(index)
+        chunk = group.column(0)
+        offset = (chunk.dictionary_page_offset if chunk.has_dictionary_page
+                  else chunk.data_page_offset)
+        if end is None or start <= offset < end:
+            groups.append((index, first_row))
+        first_row += group.num_rows
+    return groups
+
+
+def _read_csv(unit: str, spec: ReadSpec, bounds: dict) -> Iterator[tuple[pa.Table, int]]:
+    """A whole CSV file streamed; a byte range's lines parsed under the file's header line
+    (the range's bytes are held in memory: at most ``read_unit_bytes`` plus one line).
+    Splitting assumes no newline inside a quoted field."""
     import pyarrow.csv as pcsv
 
     convert = pcsv.ConvertOptions(column_types={spec.text_column: pa.string()})
-    with _open(unit, spec) as handle:
-        reader = pcsv.open_csv(handle, convert_options=convert)
-        for record_batch in reader:
-            yield pa.Table.from_batches([record_batch])
+    path, start, end = split_unit(unit)
+    with _open(path, spec) as handle:
+        if end is None:
+            source = handle
+        else:
+            lines = _lines(handle, 0, None)
+            header = next(lines, b"")
+            body = list(_lines(handle, start, end))
+            if start == 0:
+                body = body[1:]  # the header line is the first line of range 0
+            source = pa.BufferReader(b"\n".join([header, *body]) + b"\n")
+        row = start
+        for record_batch in pcsv.open_csv(source, convert_options=convert):
+            yield pa.Table.from_batches([record_batch]), row
+            row += record_batch.num_rows
 
 
-def _read_jsonl(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
+def _lines(handle, start: int, end: int | None) -> Iterator[bytes]:
+    """The lines (without their newline) whose first byte lies in ``[start, end)``."""
+    handle.seek(max(0, start - 1))
+    skip = start > 0  # the tail of the line before start (or the newline at start - 1)
+    pos, pending = max(0, start - 1), b""  # pos: first byte of ``pending``
+    while chunk := handle.read(1 << 20):
+        *complete, pending = (pending + chunk).split(b"\n")
+        for line in complete:
+            if not skip:
+                if end is not None and pos >= end:
+                    return
+                yield line
+            skip = False
+            pos += len(line) + 1
+        if end is not None and pos >= end:
+            return
+    if pending and not skip and (end is None or pos < end):
+        yield pending
+
+
+def _read_jsonl(unit: str, spec: ReadSpec, bounds: dict) -> Iterator[tuple[pa.Table, int]]:
     """JSON lines parsed one by one, so a broken line is one rejected row, not a dead file."""
-    with _open(unit, spec) as handle:
+    path, start, end = split_unit(unit)
+    with _open(path, spec) as handle:
         rows: list[dict] = []
-        pending, done = b"", 0
-        while chunk := handle.read(1 << 20):
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()
-            rows.extend(_parse_json_line(line) for line in lines if line.strip())
+        done = start
+        for line in _lines(handle, start, end):
+            if line.strip():
+                rows.append(_parse_json_line(line))
             if len(rows) >= READ_BATCH_ROWS:
-                yield _rows_to_table(_checked(rows, done, unit, spec), spec)
+                yield _rows_to_table(_checked(rows, done, unit, spec), spec), done
                 done, rows = done + len(rows), []
-        if pending.strip():
-            rows.append(_parse_json_line(pending))
         if rows:
-            yield _rows_to_table(_checked(rows, done, unit, spec), spec)
+            yield _rows_to_table(_checked(rows, done, unit, spec), spec), done
 
 
 def _checked(rows: list[dict], first_row: int, unit: str, spec: ReadSpec) -> list[dict]:
@@ -315,13 +436,15 @@ def _py_array(values: list) -> pa.Array:
         return pa.array([s if s is None or _encodable(s) else None for s in strings], pa.string())
 
 
-def _read_lance(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
+def _read_lance(unit: str, spec: ReadSpec, bounds: dict) -> Iterator[tuple[pa.Table, int]]:
     uri, _, fragment_id = unit.rpartition("#")
     dataset = spec.storage.open_lance(uri)
     fragment = dataset.get_fragment(int(fragment_id))
     wanted = [c for c in _wanted(spec) if c in dataset.schema.names]
+    row = 0
     for record_batch in fragment.to_batches(batch_size=READ_BATCH_ROWS, columns=wanted):
-        yield pa.Table.from_batches([record_batch])
+        yield pa.Table.from_batches([record_batch]), row
+        row += record_batch.num_rows
 
 
 _READERS = {
@@ -350,8 +473,9 @@ def normalize(raw: pa.Table, unit: str, first_row: int, spec: ReadSpec) -> pa.Ta
     ]
     return pa.Table.from_arrays(
         [
-            pa.array([unit] * n, pa.string()),
+            pa.array([unit_file(unit)] * n, pa.string()),
             pa.array(range(first_row, first_row + n), pa.int64()),
+            pa.array([unit] * n, pa.string()),
             ids,
             text,
             pa.array(reasons, pa.string()),

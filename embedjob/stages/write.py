@@ -56,7 +56,7 @@ def write_block(table: pa.Table, *, spec: WriteSpec) -> pa.Table:
         tokens=_sum(accepted.column(S.N_TOKENS)),
         processed_tokens=_sum(accepted.column(S.PROCESSED_TOKENS)),
     )
-    units = pc.value_counts(table.column(S.SOURCE)).to_pylist() if table.num_rows else []
+    units = pc.value_counts(table.column(S.UNIT)).to_pylist() if table.num_rows else []
     row = {
         "main_fragments": [main],
         "rejected_fragments": [rejects],

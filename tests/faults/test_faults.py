@@ -208,7 +208,7 @@ def test_fail_fast_stops_at_a_corrupt_file_or_a_broken_json_line(tmp_path):
     assert out.column("_reason").null_count == 1
 
 
-def test_a_transient_error_mid_file_resumes_the_file_after_the_last_row_read(
+def test_a_transient_error_mid_unit_resumes_the_unit_after_the_last_row_read(
     tmp_path, monkeypatch
 ):
     pq.write_table(pa.table({"id": list(range(30)), "text": ["t"] * 30}),
@@ -216,12 +216,12 @@ def test_a_transient_error_mid_file_resumes_the_file_after_the_last_row_read(
     real = read._READERS["parquet"]
     failures = []
 
-    def flaky(unit, spec):
-        for i, table in enumerate(real(unit, spec)):
+    def flaky(unit, spec, bounds):
+        for i, (table, first) in enumerate(real(unit, spec, bounds)):
             if i == 1 and len(failures) < 2:  # the store drops twice, mid-file
                 failures.append(i)
                 raise OSError("AWS Error NETWORK_CONNECTION during GetObject: curlCode: 7")
-            yield table
+            yield table, first
 
     monkeypatch.setattr(read, "READ_BATCH_ROWS", 10)
     monkeypatch.setitem(read._READERS, "parquet", flaky)

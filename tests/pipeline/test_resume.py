@@ -179,3 +179,43 @@ def test_rerun_of_an_interrupted_run_whose_input_changed_is_refused(
     pq.write_table(to_table(real_rows(6, offset=100)), corpus / "p0.parquet")
     with pytest.raises(InputError, match=r"input changed since the interrupted run .*p0.parquet"):
         run(config)
+
+
+def test_resume_redoes_only_the_unfinished_byte_ranges_of_a_file(
+    ray_session, golden_dir, embedder, tmp_path
+):
+    from embedjob.driver.progress import PROGRESS_KEY, ProgressRecord
+    from embedjob.stages.read import split_unit
+
+    rows = real_rows(96)
+    rows[5] = {**rows[5], "text": ""}  # rejected, in the first row group
+    rows[90] = {**rows[90], "text": " "}  # rejected, in the last one
+    path = tmp_path / "big.parquet"
+    pq.write_table(to_table(rows), path, row_group_size=8)  # 12 row groups
+    config = EmbedConfig(input=str(path), output=str(tmp_path / "o.lance"),
+                         model=str(golden_dir), read_unit_bytes=path.stat().st_size // 6,
+                         window_rows=8, write_batch_rows=16)
+    first = run(config)
+    dataset = lance.dataset(config.output)
+    record = ProgressRecord.from_metadata(dataset.metadata)
+    units = sorted(record.done, key=lambda u: split_unit(u)[1])
+    assert len(units) >= 6 and all("#bytes=" in u for u in units)
+    assert first.rows_read == 96
+    # as if the run had died with only the first half of its units done
+    kept = units[: len(units) // 2]
+    dataset.update_metadata({PROGRESS_KEY: ProgressRecord(
+        run_key=record.run_key, done={u: record.done[u] for u in kept},
+        ranges={u: record.ranges[u] for u in kept}, complete=False).to_json()})
+    second = run(config)
+    redone = 96 - sum(hi - lo for lo, hi in (record.ranges[u] for u in kept))
+    assert second.rows_read == redone < 96
+    table = lance.dataset(config.output).to_table()
+    valid = [r for r in rows if r["text"].strip()]
+    assert sorted(table.column("id").to_pylist()) == [r["id"] for r in valid]
+    assert sorted(table.column("source_row").to_pylist()) == [r["id"] for r in valid]
+    rejected = lance.dataset(str(tmp_path / "o.rejected.lance")).to_table()
+    assert sorted(rejected.column("row").to_pylist()) == [5, 90]
+    got = vectors_by_id(table)
+    for r in valid[::11]:
+        expected = embedder.encode([r["text"]], task="retrieval.passage")[0]
+        assert np.abs(got[r["id"]] - expected).max() < 1e-5
