@@ -163,7 +163,9 @@ def _embed(config: EmbedConfig) -> None:
     from embedjob.driver.run import run
 
     view = RunView(console())
-    view.ended(run(config, reporter=view), _how_to_read(config.output))
+    summary = run(config, reporter=view)
+    if summary is not None:  # None: a dry run, its plan already shown
+        view.ended(summary, _how_to_read(config.output))
 
 
 def _refresh(config: EmbedConfig) -> None:
@@ -246,7 +248,7 @@ def commands() -> dict[str, Command]:
             "--model sentence-transformers/all-MiniLM-L6-v2 --keep-columns text",
             "embedjob embed --input 's3://corpus/docs/*.parquet' --output "
             "s3://vectors/docs.lance --dims 1024,256 --num-actors 8 --gpus-per-actor 1",
-            "embedjob embed --config job.yaml --mode overwrite",
+            "embedjob embed --config job.yaml --limit 1000 --dry-run",
         )),
         "refresh": Command("re-embed only new and changed rows, delete gone ones",
                            (EmbedConfig,), _refresh, True, (

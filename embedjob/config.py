@@ -187,6 +187,15 @@ class EmbedConfig:
              "keep all)")
     keep_deleted: bool = knob(False, commands=(REFRESH,),
                               help="keep rows whose ids are gone from the corpus")
+    limit: int | None = knob(
+        None, commands=(EMBED,), metavar="N",
+        help="embed only the first N input rows (in listing order) into a real table, to try "
+             "a job before paying for it; the stamp records it (embedjob.limit) (default: "
+             "every row)")
+    dry_run: bool = knob(
+        False, commands=(EMBED,),
+        help="run every preflight check (input, columns, model config, task, dims, output) and "
+             "print the plan, then stop: no model is loaded and no table is written")
     ray_address: str | None = knob(
         None, commands=RUNS,
         help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
@@ -205,6 +214,8 @@ class EmbedConfig:
                      "read_unit_bytes"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 1, name, value, "an integer >= 1")
+        _require(self.limit is None or (_is_int(self.limit) and self.limit >= 1), "limit",
+                 self.limit, "an integer >= 1")
         _require(self.tokenize_tasks is None or (_is_int(self.tokenize_tasks)
                                                  and self.tokenize_tasks >= 1),
                  "tokenize_tasks", self.tokenize_tasks, "an integer >= 1 or None")

@@ -225,13 +225,34 @@ class RunView:
         self.forward_worker_logs = console.verbosity == "verbose"
         self._progress_bars: bool | None = None
 
+    def planned(self, plan) -> None:
+        """A dry run: the start block, and that nothing ran."""
+        self.describe(plan)
+        limit = plan.config.limit
+        self.console.result(
+            f"dry run: every check passed; no model loaded, nothing written "
+            f"(drop --dry-run to embed{f' the first {limit:,} rows' if limit else ''})")
+
     def started(self, plan) -> None:
-        """The start block (input, model and stamp, output, resume state), then the line."""
+        """The start block, then the progress line."""
+        total, exact = self.describe(plan)
+        if not self.forward_worker_logs:  # Ray Data's own progress: the line replaces it
+            from ray.data import DataContext
+
+            context = DataContext.get_current()
+            self._progress_bars, context.enable_progress_bars = context.enable_progress_bars, False
+        self.console.start_progress(total, exact)
+
+    def describe(self, plan) -> tuple[int, bool]:
+        """The start block (input, model and stamp, output, resume state); returns the rows
+        to read and whether that count is exact."""
         from embedjob.stages.read import estimate_rows
 
         cfg = plan.config
         sizes = {f: int(fp.split(":")[0]) for f, fp in plan.fingerprints.items() if ":" in fp}
         total, exact = estimate_rows(plan.units, plan.read, sizes)
+        if cfg.limit is not None and (total >= cfg.limit or plan.read.row_caps):
+            total, exact = cfg.limit, True
         if plan.resumed:
             state = (f"resuming an interrupted run: {len(plan.resumed.done)} of "
                      f"{len(plan.fingerprints)} input units already done")
@@ -245,14 +266,11 @@ class RunView:
             f"{','.join(map(str, plan.dims))}, {cfg.vector_dtype}, weights "
             f"{plan.model.fingerprint[:12]})",
             f"  output  {cfg.output} ({state})",
+            *([f"  limit   the first {cfg.limit:,} rows only (stamped: embedjob.limit)"]
+              if cfg.limit else []),
             f"  log     {self.console.log_path}",
         )
-        if not self.forward_worker_logs:  # Ray Data's own progress: the line replaces it
-            from ray.data import DataContext
-
-            context = DataContext.get_current()
-            self._progress_bars, context.enable_progress_bars = context.enable_progress_bars, False
-        self.console.start_progress(total, exact)
+        return total, exact
 
     def progress(self, counts) -> None:
         self.console.update(rows=counts.rows_embedded + counts.rows_rejected

@@ -181,6 +181,7 @@ NORMALIZATION = "embedjob.normalization"
 VECTOR_DTYPE = "embedjob.vector_dtype"
 VERSION = "embedjob.version"
 CREATED_AT = "embedjob.created_at"
+LIMIT = "embedjob.limit"  # --limit N: the table holds only the first N input rows
 # Only in tables with quantized columns (so older tables' stamps still match):
 QUANTIZE = "embedjob.quantize"  # JSON {dim: [dtypes]}
 FLOAT_DIMS = "embedjob.float_dims"  # JSON [dims that keep their float column]

@@ -7,6 +7,7 @@ missing columns, output that exists in create mode.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -79,10 +80,15 @@ def plan_run(config: EmbedConfig) -> RunPlan:
     quantize, float_dims = quantize_plan(config, dims)
     read_spec, keep_fields = read_spec_for(config, fmt, inputs, storage)
     units = read.plan_units(inputs, config.read_unit_bytes)
+    if config.limit is not None:  # the first units holding the first `limit` rows
+        units, caps = read.limit_units(units, read_spec, config.limit)
+        read_spec = dataclasses.replace(read_spec, row_caps=caps)
     settings = {"input": config.input, "format": fmt, "weights": spec.fingerprint,
                 "task": task, "dims": dims, "id": config.id_column,
                 "text": config.text_column, "keep": config.keep_columns,
                 "dtype": config.vector_dtype, "unit_bytes": config.read_unit_bytes}
+    if config.limit is not None:  # (only then: older runs' keys stay valid)
+        settings["limit"] = config.limit
     if quantize:  # (only then: older runs' keys stay valid)
         settings |= {"quantize": {str(d): f for d, f in quantize.items()},
                      "float_dims": float_dims}
@@ -272,7 +278,8 @@ def _stamp(
         S.VECTOR_DTYPE: config.vector_dtype,
         S.VERSION: package_version,
         S.CREATED_AT: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    } | _quantize_stamp(config, dims)
+    } | _quantize_stamp(config, dims) | (
+        {S.LIMIT: str(config.limit)} if config.limit is not None else {})
 
 
 def _quantize_stamp(config: EmbedConfig, dims: tuple[int, ...]) -> dict[str, str]:

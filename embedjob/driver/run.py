@@ -59,6 +59,9 @@ class Reporter:
 
     forward_worker_logs = True  # Ray's log_to_driver, when this run starts Ray
 
+    def planned(self, plan: RunPlan) -> None:
+        """A dry run's plan: preflight passed, nothing will run."""
+
     def started(self, plan: RunPlan) -> None:
         """Preflight passed; nothing is read yet."""
 
@@ -71,7 +74,7 @@ class Reporter:
 
 def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=None,
         encoder: type | None = None, calibration: str | None = None,
-        reporter: Reporter | None = None) -> Summary:
+        reporter: Reporter | None = None) -> Summary | None:
     """Run one embed job to completion.
 
     Args:
@@ -83,12 +86,19 @@ def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=Non
             its table's; default: the output's when adding to it, else calibrated anew).
         reporter: Told when the run starts, how far it is, when it is through.
 
+    Returns:
+        The run's summary; None for a dry run (``config.dry_run``: the plan goes to
+        ``reporter.planned`` and nothing runs).
+
     Raises:
         EmbedError: a configuration or storage problem, before any model loads.
     """
     started = time.monotonic()
     reporter = reporter or Reporter()
     plan = plan_run(config)
+    if config.dry_run:
+        reporter.planned(plan)
+        return None
     if lookup is not None:
         plan = replace(plan, tokenize=replace(plan.tokenize, lookup=lookup))
     with Lease(output=config.output, ttl_s=config.lease_ttl_s, storage=plan.storage):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -59,6 +59,8 @@ class ReadSpec:
     # True: a file or JSON line that cannot be parsed fails the job; False: it is recorded as
     # a rejected row (a whole unreadable file as one row) and the rest is processed
     fail_fast: bool = False
+    # --limit: the units read only up to a row count (the last unit a limit reaches)
+    row_caps: Mapping[str, int] = field(default_factory=dict)
 
     def schema(self) -> pa.Schema:
         """The schema of every block this stage yields."""
@@ -130,7 +132,7 @@ def read_units(batch: pa.Table, spec: ReadSpec, tracker=None) -> Iterator[pa.Tab
     for unit in batch.column("unit").to_pylist():
         rows, bounds = 0, {}
         try:
-            for raw, first_row in _raw_batches(unit, spec, bounds):
+            for raw, first_row in _capped(unit, spec, bounds):
                 rows += raw.num_rows
                 yield normalize(raw, unit, first_row, spec)
         except (pa.ArrowInvalid, OSError) as exc:  # transient ones were retried already
@@ -147,6 +149,36 @@ def _key_range(unit: str, bounds: dict) -> tuple[int, int] | None:
     if end is None:
         return None
     return bounds.get("lo", start), bounds.get("hi", end)
+
+
+def _capped(unit: str, spec: ReadSpec, bounds: dict) -> Iterator[tuple[pa.Table, int]]:
+    """``_raw_batches`` cut at the unit's row cap (``--limit``), if it has one."""
+    cap, seen = spec.row_caps.get(unit), 0
+    for raw, first_row in _raw_batches(unit, spec, bounds):
+        if cap is not None and seen + raw.num_rows >= cap:
+            yield raw.slice(0, cap - seen), first_row
+            return
+        seen += raw.num_rows
+        yield raw, first_row
+
+
+def limit_units(units: list[str], spec: ReadSpec, limit: int) -> tuple[list[str],
+                                                                      dict[str, int]]:
+    """The first units holding ``limit`` rows, and the row cap of the last one (its rows
+    are counted by reading it up to the cap: ``--limit`` is for small trial runs)."""
+    taken: list[str] = []
+    left = limit
+    for unit in units:
+        rows = 0
+        for raw, _ in _raw_batches(unit, spec, {}):
+            rows += raw.num_rows
+            if rows >= left:
+                break
+        taken.append(unit)
+        if rows >= left:
+            return taken, {unit: left}
+        left -= rows
+    return taken, {}
 
 
 def _unreadable(unit: str, rows: int, spec: ReadSpec, exc: BaseException) -> str:
