@@ -98,6 +98,65 @@ def model_dir(shape_name: str, *, seed: int = 0) -> Path:
     return target
 
 
+def st_model_dir(shape_name: str, *, seed: int = 0) -> Path:
+    """A random-weight XLM-R-shaped sentence-transformers checkpoint of ``shape_name``, cached.
+
+    The jina-v3 trunk without its LoRA and rotary parts: ``XLMRobertaModel`` (absolute
+    positions, 8194 of them so 8192-token texts fit, as in jina-v3), bf16 weights, the XLM-R
+    tokenizer (``model_max_length`` 8192), mean pooling. Written in the legacy
+    sentence-transformers layout (``modules.json``, ``sentence_bert_config.json``,
+    ``1_Pooling/config.json`` with ``pooling_mode_mean_tokens``) that both
+    sentence-transformers and embedjob's generic loader read.
+    """
+    shape = CONFIGS[shape_name]
+    key = hashlib.sha256(json.dumps(["xlmr-st", shape_name, seed]).encode()).hexdigest()[:12]
+    target = CACHE / f"xlmr-st-{shape_name}-{key}"
+    if (target / "model.safetensors").is_file():
+        return target
+    tmp = Path(tempfile.mkdtemp(dir=_mkdir(CACHE), prefix=".st-model-"))
+    _random_xlmr(shape, seed).save_pretrained(str(tmp), safe_serialization=True)
+    tok = tokenizer_dir()
+    for name in ("tokenizer.json", *TOKENIZER_FILES):
+        shutil.copy2(tok / name, tmp / name)
+    tok_config = json.loads((tmp / "tokenizer_config.json").read_text())
+    (tmp / "tokenizer_config.json").write_text(
+        json.dumps(tok_config | {"model_max_length": MAX_POSITIONS - 2}, indent=2))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"},
+    ]
+    (tmp / "modules.json").write_text(json.dumps(modules, indent=2))
+    (tmp / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": MAX_POSITIONS - 2, "do_lower_case": False}))
+    (tmp / "1_Pooling").mkdir()
+    (tmp / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": shape.hidden, "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
+    _publish(tmp, target)
+    logger.info("wrote random-weight XLM-R %s checkpoint (%s) to %s", shape_name, shape, target)
+    return target
+
+
+def _random_xlmr(shape: Shape, seed: int) -> Any:
+    """``XLMRobertaModel`` of ``shape`` with transformers' own random init, in bf16 (built on
+    the GPU when there is one: the full shape's init takes seconds there, a minute on a CPU)."""
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    config = XLMRobertaConfig(
+        vocab_size=VOCAB, hidden_size=shape.hidden, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, intermediate_size=shape.ffn,
+        max_position_embeddings=MAX_POSITIONS, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        type_vocab_size=1, layer_norm_eps=1e-5,
+    )
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = XLMRobertaModel(config)  # with its (unused) pooler: AutoModel expects one
+    return model.to(torch.bfloat16).eval()
+
+
 def original_config(shape: Shape) -> dict[str, Any]:
     """The original jina-embeddings-v3 config.json with ``shape``'s sizes."""
 

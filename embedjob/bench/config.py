@@ -43,8 +43,10 @@ CONFIGS: dict[str, Shape] = {
     "small": Shape(layers=6, hidden=384, heads=6, ffn=1536),  # CPU-sized
     "tiny": Shape(layers=2, hidden=64, heads=4, ffn=128),  # tests
 }
-# Dense bf16 peak TFLOP/s per GPU (vendor datasheets, no sparsity).
-PEAK_BF16_TFLOPS: dict[str, float] = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+# Dense bf16 peak TFLOP/s per GPU (vendor datasheets, no sparsity); the first name contained
+# in the device's name wins, so the PCIe H100 comes before the SXM one.
+PEAK_BF16_TFLOPS: dict[str, float] = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0,
+                                      "A100": 312.0, "L4": 121.0}
 RUNS: tuple[str, ...] = ("pipeline", "naive", "model_only")
 # Default corpus rows. CPU: the naive recipe pads 31 rows to each long row; one such
 # 32 x ~8000-token forward of the 6 x 384 shape takes ~4 min and ~6 GB on the 2-core VM,

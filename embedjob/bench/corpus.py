@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,14 +46,8 @@ def make_corpus(directory: str | Path, *, rows: int, long_fraction: float, seed:
     """
     import pyarrow.parquet as pq
 
-    streams = _language_streams()
-    rng = np.random.default_rng(seed + 1)
     lengths = target_lengths(rows, long_fraction, seed)
-    texts = []
-    for n in lengths.tolist():
-        text, offsets = streams[int(rng.integers(len(streams)))]
-        start = int(rng.integers(0, len(offsets) - n))
-        texts.append(text[offsets[start][0]: offsets[start + n - 1][1]])
+    texts = corpus_texts(lengths, seed)
     out = _mkdir(Path(directory))
     for f, part in enumerate(np.array_split(np.arange(rows), files)):
         if len(part):
@@ -63,6 +58,20 @@ def make_corpus(directory: str | Path, *, rows: int, long_fraction: float, seed:
     return Corpus(path=str(out), rows=rows, long_rows=n_long, target_tokens=int(lengths.sum()))
 
 
+def corpus_texts(lengths: np.ndarray, seed: int) -> list[str]:
+    """One text per length: a run of consecutive UDHR text of one language (its paragraphs
+    concatenated and repeated) cut at XLM-R token boundaries to that many tokens."""
+    streams = _language_streams()
+    rng = np.random.default_rng(seed + 1)
+    texts = []
+    for n in np.asarray(lengths).tolist():
+        text, offsets = streams[int(rng.integers(len(streams)))]
+        start = int(rng.integers(0, len(offsets) - n))
+        texts.append(text[offsets[start][0]: offsets[start + n - 1][1]])
+    return texts
+
+
+@functools.cache
 def _language_streams() -> list[tuple[str, list[tuple[int, int]]]]:
     """Per language of the UDHR sample: (text repeated to > 8192 tokens, token char offsets)."""
     import pyarrow.parquet as pq
