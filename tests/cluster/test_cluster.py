@@ -9,6 +9,7 @@ the cross-file facts a typo would break: versions, image tags, Secret references
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -20,7 +21,6 @@ import sys
 import tempfile
 import time
 import tomllib
-import types
 import urllib.request
 import uuid
 from pathlib import Path
@@ -264,12 +264,16 @@ def test_rayjob_entrypoint_parses_with_the_real_cli_and_fits_the_gpu_group(monke
     """The entrypoint goes through ``embedjob``'s own parser and config checks (run is faked)."""
     import embedjob.driver.run
     from embedjob.cli import main
+    from embedjob.driver.run import Summary
 
     seen = []
 
-    def fake_run(config):
+    def fake_run(config, **_):
         seen.append(config)
-        return types.SimpleNamespace(line=lambda: "faked", output=config.output)
+        values = {f.name: 0 for f in dataclasses.fields(Summary)}
+        values.update(output=config.output, rejected_output=config.output + ".rejected",
+                      table_version=1, task=None, dims=[])
+        return Summary(**values)
 
     monkeypatch.setattr(embedjob.driver.run, "run", fake_run)
     argv = shlex.split(_one("RayJob")["spec"]["entrypoint"])
