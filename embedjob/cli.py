@@ -30,6 +30,7 @@ from embedjob.config import (
 )
 from embedjob.console import Console, RunView, setup_logging
 from embedjob.errors import BugError, ConfigError, EmbedError, did_you_mean, without_rust_paths
+from embedjob.model.weights import ConvertWeightsOptions
 from embedjob.storage import Storage, parse_storage_option
 
 logger = logging.getLogger("embedjob")
@@ -231,6 +232,13 @@ def _search(options: SearchOptions) -> None:
     print(format_results(found))
 
 
+def _convert_weights(options: ConvertWeightsOptions) -> None:
+    from embedjob.model.weights import convert_weights
+
+    pairs = convert_weights(options.src, options.dst)
+    print(f"wrote {options.dst}: " + ", ".join(f"{a} -> {b}" for a, b in pairs))
+
+
 def _eval(config: Any) -> None:
     from embedjob.table.eval import evaluate, format_report
 
@@ -290,6 +298,12 @@ def commands() -> dict[str, Command]:
             'embedjob search s3://vectors/docs.lance "battery recycling" --column vector_256 '
             '-k 20',
         )),
+        "convert-weights": Command(
+            "rewrite a model directory's pickle weights as safetensors (read with "
+            "torch.load(weights_only=True)); the job itself loads safetensors only",
+            (ConvertWeightsOptions,), _convert_weights, examples=(
+                "embedjob convert-weights ./bge-m3 ./bge-m3-safetensors",
+            )),
         "eval": Command("retrieval quality of every vector column on real data (eval.json + "
                         "eval.png)", (EvalConfig,), _eval, examples=(
             "embedjob eval --dataset lee --model tests/data/jina-v3-tiny --output-dir out/tiny",

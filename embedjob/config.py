@@ -84,6 +84,14 @@ class EmbedConfig:
         help="a sentence-transformers model's prompt, by its name in "
              "config_sentence_transformers.json (e.g. query, passage); default: its "
              "default_prompt_name, else none")
+    revision: str | None = knob(
+        None, commands=ALL, metavar="REV",
+        help="hub revision of --model (branch, tag or commit; the same as MODEL@REV), e.g. "
+             "one that has safetensors weights")
+    allow_any_dims: bool = knob(
+        False, commands=ALL,
+        help="let --dims truncate to dims the model does not declare (Matryoshka-trained "
+             "dims only otherwise); the table stamps them as undeclared")
     dims: tuple[int, ...] = knob(
         (), commands=ALL, metavar="D,D,...",
         help="dims to store, e.g. 1024,256,64: the full dim is always stored as `vector`, "
@@ -204,6 +212,8 @@ class EmbedConfig:
         for name in ("dims", "keep_columns", "quantize", "no_float_dims"):
             object.__setattr__(self, name, as_tuple(name, getattr(self, name)))
         _require(bool(self.input), "input", self.input, "a file, directory, prefix or glob")
+        if self.revision is not None:
+            object.__setattr__(self, "model", with_revision(self.model, self.revision))
         _require(bool(self.output), "output", self.output, "a Lance dataset URI")
         _require(self.format is None or self.format in FORMATS, "format", self.format, FORMATS)
         _require(self.mode in MODES, "mode", self.mode, MODES)
@@ -377,6 +387,23 @@ def _parse_quantize(entry: str) -> tuple[int | None, str]:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def with_revision(model: str, revision: str) -> str:
+    """``model@revision`` for a hub id (``--revision``); refused for local and s3:// sources.
+
+    Raises:
+        ConfigError: ``model`` is no hub id, or names another revision already.
+    """
+    _require(bool(revision) and "@" not in revision, "revision", revision,
+             "a branch, tag or commit")
+    repo, _, pinned = model.partition("@")
+    if model.startswith("s3://") or os.path.exists(model) or repo.count("/") != 1:
+        raise ConfigError(f"--revision {revision!r}: --model {model!r} is not a hub id "
+                          "(org/name); revisions apply to hub models only")
+    if pinned and pinned != revision:
+        raise ConfigError(f"--revision {revision!r} differs from the one in --model {model!r}")
+    return f"{repo}@{revision}"
 
 
 def _require(ok: bool, name: str, value: Any, allowed: Any) -> None:

@@ -182,6 +182,9 @@ VECTOR_DTYPE = "embedjob.vector_dtype"
 VERSION = "embedjob.version"
 CREATED_AT = "embedjob.created_at"
 LIMIT = "embedjob.limit"  # --limit N: the table holds only the first N input rows
+LICENSE = "embedjob.license"  # the model's licence (model card front matter / config)
+# Only when --allow-any-dims stored dims the model does not declare: JSON [dims]
+UNDECLARED_DIMS = "embedjob.undeclared_dims"
 # Only in tables with quantized columns (so older tables' stamps still match):
 QUANTIZE = "embedjob.quantize"  # JSON {dim: [dtypes]}
 FLOAT_DIMS = "embedjob.float_dims"  # JSON [dims that keep their float column]

@@ -19,7 +19,7 @@ from embedjob import schema as S
 from embedjob import storage as st
 from embedjob.config import EmbedConfig
 from embedjob.driver.progress import ProgressRecord, read_record, run_key
-from embedjob.errors import ConfigError, InputError, OutputExistsError
+from embedjob.errors import ConfigError, InputError, OutputExistsError, UnsupportedDimError
 from embedjob.model import ModelSpec, load_spec
 from embedjob.stages import read
 from embedjob.stages.bucket import BucketSpec
@@ -221,7 +221,8 @@ def model_plan(
     spec = load_spec(config.model, filesystem=storage.fsspec(config.model))
     task = _task(config, spec)
     for dim in config.dims:
-        spec.check_dim(dim)
+        if not (config.allow_any_dims and 1 <= dim <= spec.hidden_size):
+            _check_dim(spec, dim)
     return spec, task, (spec.hidden_size, *(d for d in config.dims if d != spec.hidden_size))
 
 
@@ -233,6 +234,15 @@ def quantize_plan(
     if not config.no_float_dims:
         return quantize, None
     return quantize, tuple(d for d in dims if d not in config.no_float_dims)
+
+
+def _check_dim(spec: ModelSpec, dim: int) -> None:
+    try:
+        spec.check_dim(dim)
+    except UnsupportedDimError as e:
+        raise UnsupportedDimError(
+            f"{e}; other truncations (1..{spec.hidden_size}) need --allow-any-dims "
+            "(the model was not trained for them)") from e
 
 
 def _task(config: EmbedConfig, spec: ModelSpec) -> str | None:
@@ -273,6 +283,8 @@ def _stamp(
         S.WEIGHTS_HASH: spec.fingerprint,
         S.TASK: task or "",
         S.INSTRUCTION: spec.instructions.get(task or "", ""),
+        S.LICENSE: spec.license,
+        **_undeclared_stamp(spec, dims),
         S.DIMS: json.dumps(list(dims)),
         S.NORMALIZATION: "l2; vector_<d> = l2(truncate(vector, d))",
         S.VECTOR_DTYPE: config.vector_dtype,
@@ -280,6 +292,11 @@ def _stamp(
         S.CREATED_AT: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     } | _quantize_stamp(config, dims) | (
         {S.LIMIT: str(config.limit)} if config.limit is not None else {})
+
+
+def _undeclared_stamp(spec: ModelSpec, dims: tuple[int, ...]) -> dict[str, str]:
+    undeclared = [d for d in dims if d not in spec.matryoshka_dims]
+    return {S.UNDECLARED_DIMS: json.dumps(undeclared)} if undeclared else {}
 
 
 def _quantize_stamp(config: EmbedConfig, dims: tuple[int, ...]) -> dict[str, str]:

@@ -96,6 +96,9 @@ def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=Non
     started = time.monotonic()
     reporter = reporter or Reporter()
     plan = plan_run(config)
+    if plan.model.non_commercial:
+        logger.warning("model %s is licensed %s: its weights are for non-commercial use only "
+                       "(see the model card)", plan.model.source, plan.model.license)
     if config.dry_run:
         reporter.planned(plan)
         return None

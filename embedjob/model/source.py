@@ -36,6 +36,7 @@ SMALL_FILE_PATTERNS: tuple[str, ...] = (
     "modules.json",
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
+    "README.md",  # the model card: its front matter names the licence
     "*_Pooling/config.json",
     "*_Dense/config.json",
     "*/adapter_config.json",
@@ -43,6 +44,12 @@ SMALL_FILE_PATTERNS: tuple[str, ...] = (
 WEIGHT_PATTERNS: tuple[str, ...] = ("*.safetensors", "*.safetensors.index.json")
 # Pickle-based weight formats: never loaded, only named when they are all a source offers.
 PICKLE_PATTERNS: tuple[str, ...] = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# The two ways past a pickle-only checkpoint, named by every refusal.
+PICKLE_WAYS_OUT = (
+    "pass a hub revision that has safetensors (--revision REV, or MODEL@REV), or convert "
+    "them once with `embedjob convert-weights SRC DST` (torch.load(weights_only=True) -> "
+    "safetensors) and use DST"
+)
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 CACHE_ENV = "EMBEDJOB_CACHE"
@@ -132,10 +139,10 @@ def weight_files(local_dir: Path) -> list[Path]:
     if pickles:
         raise CheckpointError(
             f"no *.safetensors weights in {local_dir}; found pickle weights {pickles}. Only "
-            "safetensors are loaded (pickle files can run code when loaded): convert them "
-            "to model.safetensors first"
+            f"safetensors are loaded (pickle files can run code when loaded): {PICKLE_WAYS_OUT}"
         )
-    raise CheckpointError(f"no *.safetensors weights in {local_dir}")
+    raise CheckpointError(f"no *.safetensors weights in {local_dir} (if the source offers "
+                          f"only pickle weights: {PICKLE_WAYS_OUT})")
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -175,7 +182,8 @@ def _resolve_s3(uri: str, filesystem: Any, weights: bool) -> ResolvedSource:
     weight_objs = {r: o for r, o in objects.items() if is_weight_file(r)}
     if not any("/" not in r for r in weight_objs):
         pickles = sorted(r for r in objects if _matches(r, PICKLE_PATTERNS))
-        hint = f"; found pickle weights {pickles}, which are never loaded" if pickles else ""
+        hint = (f"; found pickle weights {pickles}, which are never loaded: {PICKLE_WAYS_OUT}"
+                if pickles else "")
         raise CheckpointError(f"no *.safetensors weights under {uri}{hint}")
     digest = hashlib.sha256()
     for rel in sorted(weight_objs):

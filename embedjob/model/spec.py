@@ -63,6 +63,8 @@ class ModelSpec:
         fingerprint: Stable hash identifying the weights.
         revision: Hub commit when known.
         local_dir: Local directory holding the model files (weights may be absent).
+        license: The model's licence (model card front matter ``license:`` or config.json
+            ``license``), else ``unknown``.
     """
 
     source: str
@@ -78,6 +80,7 @@ class ModelSpec:
     revision: str | None
     local_dir: str
     head: generic.Head | None = None
+    license: str = "unknown"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -124,6 +127,11 @@ class ModelSpec:
         """The instruction prefix of ``task`` ('' for None and tasks without one)."""
         self.check_task(task)
         return self.instructions.get(task, "") if task is not None else ""
+
+    @property
+    def non_commercial(self) -> bool:
+        """The licence forbids commercial use (Creative Commons NC)."""
+        return "-nc" in self.license.lower()
 
     def tokenizer(self) -> TextTokenizer:
         """A TextTokenizer for this model (loads only tokenizer files)."""
@@ -250,16 +258,19 @@ def spec_from_resolved(resolved: ResolvedSource) -> ModelSpec:
         "revision": resolved.revision, "local_dir": resolved.local_dir,
         "hidden_size": int(config["hidden_size"]),
         "max_tokens": max_tokens(resolved.local_dir, config),
+        "license": read_license(resolved.local_dir, config),
     }
     if checkpoint_layout(config) == "generic":
         prompts, default_prompt = generic.read_prompts(resolved.local_dir)
         head = generic.read_head(resolved.local_dir, common["hidden_size"])
         common.update(hidden_size=head.dim,
                       max_tokens=max_tokens(resolved.local_dir, config, head.max_seq_length))
+        # a checkpoint's own Matryoshka declaration (jina-style config key), if any
+        declared = {int(d) for d in config.get("matryoshka_dimensions") or () if d <= head.dim}
         return ModelSpec(
             kind="generic", tasks=tuple(prompts), default_task=default_prompt,
-            instructions=prompts,
-            matryoshka_dims=(head.dim,), pooling=head.pooling, head=head, **common,
+            instructions=prompts, matryoshka_dims=tuple(sorted(declared | {head.dim})),
+            pooling=head.pooling, head=head, **common,
         )
     meta = {k: config.get(k, v) for k, v in JINA_V3_DEFAULTS.items()}
     tasks = tuple(meta["lora_adaptations"])
@@ -274,6 +285,21 @@ def spec_from_resolved(resolved: ResolvedSource) -> ModelSpec:
         matryoshka_dims=tuple(sorted(set(dims) | {common["hidden_size"]})),
         pooling="mean", **common,
     )
+
+
+def read_license(local_dir: str | Path, config: Mapping[str, Any]) -> str:
+    """``license:`` of the model card's front matter (README.md), else config.json's
+    ``license``, else ``unknown``."""
+    path = Path(local_dir) / "README.md"
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    if lines and lines[0].strip() == "---":
+        for line in lines[1:]:
+            if line.strip() == "---":
+                break
+            key, _, value = line.partition(":")
+            if key.strip() == "license" and value.strip():
+                return value.strip().strip("'\"")
+    return str(config.get("license") or "unknown")
 
 
 def max_tokens(local_dir: str | Path, config: Mapping[str, Any],

@@ -49,6 +49,7 @@ class SizingReport:
     tokenizer_tokens_per_s: float  # one tokenize task, measured on the sample
     num_actors: int
     tokenize_tasks: int | None  # tasks that feed num_actors at tokens_per_s; None: unknown
+    model_license: str = "unknown"
 
     def lines(self) -> list[str]:
         # "~": an estimate (extrapolated from the sample); no "~": counted
@@ -68,6 +69,9 @@ class SizingReport:
             out.append("no throughput known: pass --tokens-per-s or run `embedjob bench`")
         out.append(f"tokenizer: {self.tokenizer_tokens_per_s:,.0f} tokens/s per task "
                    f"(measured on the sample)")
+        out.append(f"model licence: {self.model_license}"
+                   + (" (non-commercial use only)" if "-nc" in self.model_license.lower()
+                      else ""))
         if self.tokenize_tasks is not None:
             out.append(f"to feed {self.num_actors} encode actor(s): {self.tokenize_tasks} "
                        f"tokenize task(s) (--tokenize-tasks {self.tokenize_tasks})")
@@ -109,6 +113,7 @@ def size_job(config: EmbedConfig, *, sample_rows: int = 20000,
         gpu_hours=total_tokens / speed / 3600 if speed else None,
         tokenizer_tokens_per_s=tokenizer_speed, num_actors=config.num_actors,
         tokenize_tasks=tokenize_tasks(config.num_actors, speed, tokenizer_speed),
+        model_license=spec.license,
     )
 
 

@@ -126,6 +126,7 @@ def format_info(info: TableInfo) -> str:
         f"fragments  {info.fragments}",
         f"model      {stamp.get('model_source', '?')} "
         f"(weights {stamp.get('weights_hash', '?')[:16]})",
+        f"licence    {stamp.get('license', 'unknown')}",
         f"task       {stamp.get('task') or '(none)'}"
         + (f", instruction {stamp['instruction']!r}" if stamp.get("instruction") else ""),
         f"dims       {stamp.get('dims', '?')} as {stamp.get('vector_dtype', '?')}",

@@ -49,6 +49,7 @@ class Stamp:
     instruction: str
     dims: tuple[int, ...]
     vector_dtype: str
+    undeclared_dims: tuple[int, ...] = ()  # stored with --allow-any-dims
 
     @property
     def query_task(self) -> str | None:
@@ -76,6 +77,7 @@ def read_stamp(schema: pa.Schema) -> Stamp:
         task=meta[S.TASK], instruction=meta.get(S.INSTRUCTION, ""),
         dims=tuple(json.loads(meta[S.DIMS])),
         vector_dtype=meta.get(S.VECTOR_DTYPE, "float32"),
+        undeclared_dims=tuple(json.loads(meta.get(S.UNDECLARED_DIMS, "[]"))),
     )
 
 
@@ -120,7 +122,7 @@ def check_query_model(spec: Any, stamp: Stamp, dim: int) -> None:
         )
     if dim not in stamp.dims:
         raise ConfigError(f"dim {dim} not in the table's stamped dims {list(stamp.dims)}")
-    if dim not in spec.matryoshka_dims:
+    if dim not in spec.matryoshka_dims and dim not in stamp.undeclared_dims:
         raise ConfigError(
             f"dim {dim} not in query model {spec.source!r} matryoshka dims "
             f"{list(spec.matryoshka_dims)}"
@@ -137,8 +139,10 @@ def embed_queries(embedder: Any, stamp: Stamp, texts: Sequence[str], dim: int) -
     task = stamp.query_task
     if task is not None and task not in embedder.tasks:
         raise ConfigError(f"query task {task!r} not in the model's tasks {list(embedder.tasks)}")
-    full = dim == embedder.hidden_size
-    return embedder.encode(list(texts), task=task, dim=None if full else dim)
+    from embedjob.model import matryoshka
+
+    full = embedder.encode(list(texts), task=task)
+    return full if dim == embedder.hidden_size else matryoshka(full, dim)
 
 
 def load_query_embedder(stamp: Stamp, model: str | None = None,

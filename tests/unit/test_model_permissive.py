@@ -45,6 +45,7 @@ def test_spec_reads_the_layout(layout_dir: tuple[str, Path]) -> None:
     assert {t: spec.prefix(t) for t in layout.prompts} == layout.prompts
     assert spec.default_task is None
     assert [s.kind for s in spec.head.steps] == ["normalize"]
+    assert spec.license == layout.license and not spec.non_commercial
 
 
 def test_vectors_equal_sentence_transformers(layout_dir: tuple[str, Path],
@@ -91,3 +92,29 @@ def test_prompt_name_chooses_the_task_of_a_run(layout_dir: tuple[str, Path]) -> 
     with pytest.raises(ConfigError, match=r"--prompt-name 'document' not in the model's "
                                           r"prompts \["):
         _task(config(prompt_name="document"), spec)
+
+
+def test_revision_goes_with_hub_ids_only(tmp_path: Path) -> None:
+    from embedjob.config import EmbedConfig
+    from embedjob.errors import ConfigError
+
+    def config(**kw) -> EmbedConfig:
+        return EmbedConfig(input="in.parquet", output="out.lance", **kw)
+
+    assert config(model="BAAI/bge-m3", revision="refs/pr/5").model == "BAAI/bge-m3@refs/pr/5"
+    assert config(model="BAAI/bge-m3@abc", revision="abc").model == "BAAI/bge-m3@abc"
+    with pytest.raises(ConfigError, match=r"--revision 'abc': --model .* is not a hub id"):
+        config(model=str(tmp_path), revision="abc")
+    with pytest.raises(ConfigError, match=r"--revision 'abc' differs"):
+        config(model="BAAI/bge-m3@def", revision="abc")
+
+
+def test_licence_read_from_card_or_config(tmp_path: Path) -> None:
+    from embedjob.model.spec import read_license
+
+    (tmp_path / "README.md").write_text("---\nlanguage: en\nlicense: 'cc-by-nc-4.0'\n---\n"
+                                        "license: mit\n")
+    assert read_license(tmp_path, {"license": "apache-2.0"}) == "cc-by-nc-4.0"
+    (tmp_path / "README.md").write_text("# no front matter\nlicense: mit\n")
+    assert read_license(tmp_path, {"license": "apache-2.0"}) == "apache-2.0"
+    assert read_license(tmp_path, {}) == "unknown"
