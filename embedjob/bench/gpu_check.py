@@ -376,6 +376,12 @@ def measure_actor(cfg: Settings, budget: Budget, actor: Any, windows: list[Windo
     got = actor(block_table(warm, packed, 0))  # warm-up, and a one-to-one check
     if got.num_rows != len(warm.ids) or got.column(S.VECTOR).null_count:
         raise RuntimeError(f"actor returned {got.num_rows} rows for {len(warm.ids)}")
+    # the stored vectors (rows in the block's order) against model-only's on the same batches
+    stored = got.column(S.VECTOR).combine_chunks().flatten().to_numpy().reshape(
+        got.num_rows, -1)  # [rows, hidden] float32
+    bound = np.concatenate(actor.embedder.encode_batches(warm.batches(packed), task=TASK,
+                                                         packed=packed))
+    max_diff = float(np.abs(stored - bound).max())
     with _feeder(windows, packed) as blocks:
 
         def step(window: Window) -> None:
@@ -384,6 +390,7 @@ def measure_actor(cfg: Settings, budget: Budget, actor: Any, windows: list[Windo
                 raise RuntimeError("actor output rows != input rows")
 
         record = figures(run_for(slot, windows, step, cfg.device), cfg, params, peak, packed)
+    record["max_abs_diff_vs_model_only"] = round(max_diff, 7)
     logger.info("actor.%s: %s", name, json.dumps(record))
     return record
 

@@ -100,6 +100,8 @@ def test_model_only_and_actor_figures_are_consistent(smoke) -> None:
         assert got["tokens"] / got["rows"] == per_row[name]
         assert got["vs_model_only"] == pytest.approx(
             got["tokens_per_s"] / bound["tokens_per_s"], abs=1e-3)
+        # the actor stores what model-only computes (fp32 on the CPU, the same batches)
+        assert got["max_abs_diff_vs_model_only"] < 1e-6
 
 
 def test_sentence_transformers_matches_the_generic_path_or_says_why_not(smoke) -> None:
