@@ -24,6 +24,7 @@ from embedjob.config import (
     IndexOptions,
     InfoOptions,
     PlanOptions,
+    RejectedOptions,
     SearchOptions,
     known_keys,
     load_yaml,
@@ -73,7 +74,8 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any)
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     help_text = meta["help"] + _default_note(f, required, kind)
     if meta.get("positional"):
-        parser.add_argument(f.name, help=help_text, metavar=meta.get("metavar") or f.name.upper())
+        parser.add_argument(f.name, help=help_text, metavar=meta.get("metavar") or f.name.upper(),
+                            **({} if required else {"nargs": "?"}))
         return
     kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
     if kind is bool:
@@ -223,13 +225,46 @@ def _index(options: IndexOptions) -> None:
 
 
 def _search(options: SearchOptions) -> None:
-    from embedjob.table.search import format_results, search
+    import json
 
-    found = search(options.output, options.query, column=options.column, k=options.k,
-                   show=options.show, model=options.model,
-                   storage=Storage.resolve(options.storage_options), nprobes=options.nprobes,
-                   refine_factor=options.refine_factor)
-    print(format_results(found))
+    from embedjob.table.search import format_results, search_many
+
+    queries = [options.query] if options.query is not None else _read_queries(options.queries)
+    results = search_many(options.output, queries, column=options.column, k=options.k,
+                          show=options.show, model=options.model,
+                          storage=Storage.resolve(options.storage_options),
+                          nprobes=options.nprobes, refine_factor=options.refine_factor)
+    for query, found in zip(queries, results, strict=True):
+        if options.json:
+            hits = [{"rank": rank, **row} for rank, row in enumerate(found.to_pylist(), 1)]
+            print(json.dumps({"query": query, "hits": hits}, ensure_ascii=False, default=str))
+        else:
+            print((f"query: {query}\n" if len(queries) > 1 else "") + format_results(found))
+
+
+def _read_queries(path: str | None) -> list[str]:
+    """The non-empty lines of ``path`` ('-': standard input)."""
+    if path == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        if not path or not os.path.isfile(path):
+            raise ConfigError(f"--queries file {path!r} does not exist")
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    queries = [line.strip() for line in lines if line.strip()]
+    if not queries:
+        raise ConfigError(f"--queries {path!r} holds no query (one per line)")
+    return queries
+
+
+def _rejected(options: RejectedOptions) -> None:
+    from embedjob.schema import sibling_uri
+    from embedjob.table.rejected import format_rejected, rejected_report
+
+    uri = options.rejected_output or sibling_uri(options.output, "rejected")
+    report = rejected_report(uri, Storage.resolve(options.storage_options),
+                             sample=options.sample)
+    print(report.to_json() if options.json else format_rejected(report))
 
 
 def _convert_weights(options: ConvertWeightsOptions) -> None:
@@ -296,7 +331,13 @@ def commands() -> dict[str, Command]:
             'embedjob search demo_out/udhr.lance "Everyone has the right to life, liberty '
             'and security of person." -k 3 --show lang,article',
             'embedjob search s3://vectors/docs.lance "battery recycling" --column vector_256 '
-            '-k 20',
+            '-k 20 --json',
+            "embedjob search demo_out/udhr.lance --queries questions.txt -k 3",
+        )),
+        "rejected": Command("the rows a run set aside: counts by reason and a sample of each",
+                            (RejectedOptions,), _rejected, examples=(
+            "embedjob rejected demo_out/udhr.lance",
+            "embedjob rejected s3://vectors/docs.lance --sample 20 --json",
         )),
         "convert-weights": Command(
             "rewrite a model directory's pickle weights as safetensors (read with "

@@ -346,7 +346,7 @@ def flag_for(name: str) -> str:
     """The command-line flag of the option field ``name`` (messages name flags, which is what a
     user typed; a YAML key or a Python keyword is the same name with ``_``)."""
     for cls in (EmbedConfig, PlanOptions, CompactOptions, InfoOptions, IndexOptions,
-                SearchOptions):
+                SearchOptions, RejectedOptions):
         found = {f.name: f for f in dataclasses.fields(cls)}.get(name)
         if found is not None:
             if found.metadata.get("positional"):
@@ -482,10 +482,17 @@ class SearchOptions:
     """``embedjob search``: embed a query as the table's queries are meant to be embedded."""
 
     output: str = knob(help="the output Lance table, local or s3://", positional=True)
-    query: str = knob(help="the query text", positional=True)
+    query: str | None = knob(None, positional=True,
+                             help="the query text (default: the lines of --queries)")
+    queries: str | None = knob(None, metavar="FILE",
+                               help="read queries from FILE, one per line ('-': standard "
+                                    "input) (default: the QUERY argument)")
     column: str = knob("vector", help="the vector column: vector or vector_<d>")
     k: int = knob(10, flag="-k", help="rows to return")
-    show: tuple[str, ...] = knob((), metavar="C,C,...", help="columns to print beside id, score")
+    show: tuple[str, ...] = knob(
+        (), metavar="C,C,...",
+        help="columns to print beside id, score (default: text, when the table keeps it)")
+    json: bool = knob(False, help="print JSON lines: one object per query with its hits")
     model: str | None = knob(None, help="query model (default: the table's stamped model)")
     nprobes: int | None = knob(None, help="IVF partitions to probe (Lance's default)")
     refine_factor: int = knob(1, help="re-rank k x this many index candidates exactly (1: the "
@@ -495,3 +502,24 @@ class SearchOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "show", as_tuple("show", self.show))
         _require(_is_int(self.k) and self.k >= 1, "k", self.k, "an integer >= 1")
+        if (self.query is None) == (self.queries is None):
+            raise ConfigError("pass one query (QUERY) or a file of queries (--queries FILE, "
+                              "'-' for standard input), not both or neither")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RejectedOptions:
+    """``embedjob rejected``: the rows a run set aside, with their reasons."""
+
+    output: str = knob(help="the output Lance table whose rejected rows to list (its "
+                            "<output>.rejected.lance sibling), local or s3://", positional=True)
+    rejected_output: str | None = knob(
+        None, help="the rejected-rows table, when the run wrote it elsewhere (default: "
+                   "<output>.rejected.lance)")
+    sample: int = knob(5, help="rows shown per reason")
+    json: bool = knob(False, help="print the counts and samples as JSON")
+    storage_options: Mapping[str, str] = _storage_knob()
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.sample) and self.sample >= 0, "sample", self.sample,
+                 "an integer >= 0")

@@ -289,5 +289,6 @@ class RunView:
         self.console.result(summary.line())
         if summary.rows_rejected:
             self.console.say(f"rejected: {summary.rows_rejected:,} rows, with their reasons, "
-                             f"in {summary.rejected_output}")
+                             f"in {summary.rejected_output} (embedjob rejected "
+                             f"{summary.output})")
         self.console.say(how_to_read, f"log: {self.console.log_path}")

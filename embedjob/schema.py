@@ -166,6 +166,7 @@ REJECTED_SCHEMA = pa.schema([
 ])
 REJECTED_SOURCE = "source"  # the rejected table's lineage columns (resume deletes by them)
 REJECTED_ROW = "row"
+REJECTED_REASON = "reason"
 
 
 # --- stamp: schema metadata saying what made the vectors ----------------------------------

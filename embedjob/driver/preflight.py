@@ -266,6 +266,16 @@ def plan_stamp(config: EmbedConfig) -> dict[str, str]:
     return _stamp(config, *model_plan(config, Storage.resolve(config.storage_options)))
 
 
+def portable_source(model: str) -> str:
+    """The model source as it works from any directory: a local path made absolute; a hub
+    id or ``s3://`` prefix as given (the revision is stamped beside it)."""
+    import os
+
+    if "://" not in model and os.path.exists(model):
+        return os.path.abspath(model)
+    return model
+
+
 def _stamp(
     config: EmbedConfig, spec: ModelSpec, task: str | None, dims: tuple[int, ...]
 ) -> dict[str, str]:
@@ -278,7 +288,7 @@ def _stamp(
     except PackageNotFoundError:
         package_version = "unknown"
     return {
-        S.MODEL_SOURCE: config.model,
+        S.MODEL_SOURCE: portable_source(config.model),
         S.MODEL_REVISION: spec.revision or "",
         S.WEIGHTS_HASH: spec.fingerprint,
         S.TASK: task or "",

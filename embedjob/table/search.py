@@ -95,6 +95,9 @@ def column_dim(schema: pa.Schema, column: str) -> int:
     return columns[column]
 
 
+SNIPPET_COLUMN = "text"  # shown by default when a run kept it (--keep-columns text)
+
+
 def open_table(uri: str, storage: Storage | None = None, version: int | None = None):
     """The Lance table at ``uri`` (storage: the AWS environment unless given)."""
     try:
@@ -203,38 +206,69 @@ def search(uri: str, query: str, *, column: str = "vector", k: int = 10,
     Raises:
         ConfigError: Unknown column or show column, or a query model not matching the stamp.
     """
+    return search_many(uri, [query], column=column, k=k, show=show, model=model,
+                       storage=storage, embedder=embedder, nprobes=nprobes,
+                       refine_factor=refine_factor, default_show=False)[0]
+
+
+def search_many(uri: str, queries: Sequence[str], *, column: str = "vector", k: int = 10,
+                show: Sequence[str] = (), model: str | None = None,
+                storage: Storage | None = None, embedder: Any = None,
+                nprobes: int | None = None, refine_factor: int | None = 1,
+                default_show: bool = True) -> list[pa.Table]:
+    """:func:`search` for several queries: the model loads once, the queries embed as one
+    batch. ``default_show``: with no ``show``, return the ``text`` column when the table
+    keeps it (the CLI's snippet)."""
     storage = storage or Storage.resolve()
     dataset = open_table(uri, storage)
     stamp = read_stamp(dataset.schema)
     dim = column_dim(dataset.schema, column)
     unknown = [c for c in show if c not in dataset.schema.names]
     if unknown:
-        raise ConfigError(f"show columns {unknown} not in the table's columns "
+        raise ConfigError(f"--show columns {unknown} not in the table's columns "
                           f"{dataset.schema.names}")
+    if not show and default_show and SNIPPET_COLUMN in dataset.schema.names:
+        show = (SNIPPET_COLUMN,)
     if embedder is None:
         spec = _query_spec(stamp, model, storage)
         check_query_model(spec, stamp, dim)  # before loading any weights
         embedder = load_query_embedder(stamp, model, storage)
-    vector = embed_queries(embedder, stamp, [query], dim)[0]
-    return search_vector(dataset, column, vector, k=k, columns=show, nprobes=nprobes,
-                         refine_factor=refine_factor)
+    vectors = embed_queries(embedder, stamp, list(queries), dim)
+    return [search_vector(dataset, column, vector, k=k, columns=show, nprobes=nprobes,
+                          refine_factor=refine_factor) for vector in vectors]
 
 
 def _query_spec(stamp: Stamp, model: str | None, storage: Storage):
+    from embedjob.errors import ModelSourceError
     from embedjob.model import load_spec
 
     source = model or stamp.model_source
-    return load_spec(source, filesystem=storage.fsspec(source))
+    try:
+        return load_spec(source, filesystem=storage.fsspec(source))
+    except ModelSourceError as exc:
+        if model is not None:
+            raise
+        raise ModelSourceError(f"the table's stamped model cannot be loaded from here ({exc}); "
+                               "pass --model with where that model is now") from exc
 
 
-def format_results(table: pa.Table, max_chars: int = 100) -> str:
-    """One line per hit: rank, id, score, then the shown columns (long values cut)."""
-    lines = []
-    for rank, row in enumerate(table.to_pylist(), start=1):
-        extra = "  ".join(f"{k}={_cut(v, max_chars)}" for k, v in row.items()
-                          if k not in ("id", "score"))
-        lines.append(f"{rank:>3}  {row['id']}  {row['score']:.4f}  {extra}".rstrip())
-    return "\n".join(lines)
+def format_results(table: pa.Table, max_chars: int = 80) -> str:
+    """An aligned table with a header: rank, id, score, then the shown columns (long values
+    cut to ``max_chars``, newlines as spaces)."""
+    names = ["rank", *table.column_names]
+    rows = [[str(rank), *(f"{v:.4f}" if n == "score" else _cut(v, max_chars)
+                          for n, v in row.items())]
+            for rank, row in enumerate(table.to_pylist(), start=1)]
+    if not rows:
+        return "no rows"
+    widths = [max(len(r[i]) for r in [names, *rows]) for i in range(len(names))]
+    numeric = {0, 2} | ({1} if all(r[1].lstrip("-").isdigit() for r in rows) else set())
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return "\n".join([line(names), *map(line, rows)])
 
 
 def _cut(value: Any, max_chars: int) -> str:

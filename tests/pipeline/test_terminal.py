@@ -82,8 +82,9 @@ def test_embed_under_a_terminal_is_short_and_quiet(tmp_path, golden_dir) -> None
     assert summaries[0].startswith(f"embedded {ROWS - BLANK}/{ROWS} rows ({BLANK} rejected")
     assert summaries[0].endswith("1 data commits -> " + str(tmp_path / "out.lance")
                                  + " (version 3)")
-    assert f"rejected: {BLANK} rows, with their reasons, in {tmp_path / 'out.rejected.lance'}" \
-        in screen
+    rejected = tmp_path / "out.rejected.lance"
+    assert f"rejected: {BLANK} rows, with their reasons, in {rejected} (embedjob rejected " \
+           f"{tmp_path / 'out.lance'})" in screen
     log = Path(screen[-1].removeprefix("log: "))
     assert log.parent == tmp_path / "logs"
     assert "Started a local Ray instance" in log.read_text()  # Ray's own lines went there
