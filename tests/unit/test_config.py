@@ -76,3 +76,14 @@ def test_secrets_are_not_in_repr_or_redacted_options(monkeypatch):
     assert "s3cr3t-value" not in shown and "AKIAEXAMPLE" not in shown
     cfg = EmbedConfig(input="a.parquet", output="o.lance", storage_options=options)
     assert "s3cr3t-value" not in repr(cfg)
+
+
+def test_list_fields_given_as_strings_are_split_and_checked_alike() -> None:
+    from embedjob.config import EmbedConfig
+
+    config = EmbedConfig(input="i", output="o", keep_columns="a,b", dims="256,64",
+                         quantize="int8")
+    assert (config.keep_columns, config.dims) == (("a", "b"), (256, 64))
+    assert EmbedConfig(input="i", output="o", dims="256").dims == (256,)
+    with pytest.raises(ConfigError, match=r"--dims 'x' must be integers"):
+        EmbedConfig(input="i", output="o", dims="x")
