@@ -233,7 +233,8 @@ def _search(options: SearchOptions) -> None:
     results = search_many(options.output, queries, column=options.column, k=options.k,
                           show=options.show, model=options.model,
                           storage=Storage.resolve(options.storage_options),
-                          nprobes=options.nprobes, refine_factor=options.refine_factor)
+                          nprobes=options.nprobes, refine_factor=options.refine_factor,
+                          rescore=options.rescore, rescore_factor=options.rescore_factor)
     for query, found in zip(queries, results, strict=True):
         if options.json:
             hits = [{"rank": rank, **row} for rank, row in enumerate(found.to_pylist(), 1)]
@@ -330,8 +331,8 @@ def commands() -> dict[str, Command]:
                           "print the nearest rows", (SearchOptions,), _search, examples=(
             'embedjob search demo_out/udhr.lance "Everyone has the right to life, liberty '
             'and security of person." -k 3 --show lang,article',
-            'embedjob search s3://vectors/docs.lance "battery recycling" --column vector_256 '
-            '-k 20 --json',
+            'embedjob search s3://vectors/docs.lance "battery recycling" --column '
+            'vector_1024_bin --rescore vector -k 20 --json',
             "embedjob search demo_out/udhr.lance --queries questions.txt -k 3",
         )),
         "rejected": Command("the rows a run set aside: counts by reason and a sample of each",

@@ -487,8 +487,13 @@ class SearchOptions:
     queries: str | None = knob(None, metavar="FILE",
                                help="read queries from FILE, one per line ('-': standard "
                                     "input) (default: the QUERY argument)")
-    column: str = knob("vector", help="the vector column: vector or vector_<d>")
+    column: str = knob("vector", help="the vector column: vector, vector_<d>, or a quantized "
+                                      "vector_<d>_bin / vector_<d>_int8")
     k: int = knob(10, flag="-k", help="rows to return")
+    rescore: str | None = knob(
+        None, help="two-stage search: a float column (vector or vector_<d>) that rescores "
+                   "the quantized --column's top k x --rescore-factor candidates exactly")
+    rescore_factor: int = knob(4, help="candidates per returned row for --rescore")
     show: tuple[str, ...] = knob(
         (), metavar="C,C,...",
         help="columns to print beside id, score (default: text, when the table keeps it)")
@@ -502,6 +507,8 @@ class SearchOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "show", as_tuple("show", self.show))
         _require(_is_int(self.k) and self.k >= 1, "k", self.k, "an integer >= 1")
+        _require(_is_int(self.rescore_factor) and self.rescore_factor >= 1, "rescore_factor",
+                 self.rescore_factor, "an integer >= 1")
         if (self.query is None) == (self.queries is None):
             raise ConfigError("pass one query (QUERY) or a file of queries (--queries FILE, "
                               "'-' for standard input), not both or neither")

@@ -1,4 +1,8 @@
-"""Vector indexes on an output table: cosine IVF_PQ or IVF_HNSW_SQ, defaults from rows and dim."""
+"""Vector indexes on an output table: cosine IVF_PQ or IVF_HNSW_SQ, defaults from rows and dim.
+
+Binary columns (``vector_<d>_bin``) get an IVF_FLAT index with the ``hamming`` metric
+(whatever ``--type`` says: the one index pylance 14 builds on uint8 vectors); int8 columns
+are refused (pylance 14 indexes float vectors only; search scans them flat)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 from embedjob.config import INDEX_TYPES
 from embedjob.errors import ConfigError
 from embedjob.storage import Storage
-from embedjob.table.search import METRIC, column_dim, open_table
+from embedjob.table.search import METRIC, layout_column, open_table
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +22,7 @@ logger = logging.getLogger(__name__)
 # and below this size a flat scan is exact and takes milliseconds anyway. Lance also trains
 # at most rows/256 IVF partitions (pylance 14 warns "training 19 of the 71 requested IVF
 # partitions" on 5,000 rows), so the default partitions are capped the same way.
+BINARY_INDEX, BINARY_METRIC = "IVF_FLAT", "hamming"
 MIN_INDEX_ROWS = 256
 ROWS_PER_PARTITION_MIN = 256
 MAX_PARTITIONS = 4096
@@ -49,7 +54,7 @@ def index_defaults(rows: int, dim: int, index_type: str = "IVF_PQ",
         ConfigError: ``rows`` below MIN_INDEX_ROWS, an unknown index type, or
             ``num_sub_vectors`` that does not divide ``dim``.
     """
-    if index_type not in INDEX_TYPES:
+    if index_type not in (*INDEX_TYPES, BINARY_INDEX):
         raise ConfigError(f"index type {index_type!r} not in {list(INDEX_TYPES)}")
     if rows < MIN_INDEX_ROWS:
         raise ConfigError(
@@ -78,16 +83,23 @@ def build_index(uri: str, *, column: str, index_type: str = "IVF_PQ",
         The parameters used; the table gains a new version holding the index.
     """
     dataset = open_table(uri, storage)
-    dim = column_dim(dataset.schema, column)
+    layout = layout_column(dataset.schema, column)
+    dim, metric = layout.dim, METRIC
+    if layout.dtype == "int8":
+        raise ConfigError(f"column {column!r} is int8: pylance 14 builds vector indexes on "
+                          "float and binary (uint8) vectors only; `embedjob search` scans int8 "
+                          "columns flat")
+    if layout.dtype == "binary":
+        index_type, metric = BINARY_INDEX, BINARY_METRIC
     rows = dataset.count_rows()
     partitions, sub_vectors = index_defaults(rows, dim, index_type, num_partitions,
                                              num_sub_vectors)
     kwargs: dict[str, Any] = {"num_partitions": partitions}
     if sub_vectors is not None:
         kwargs["num_sub_vectors"] = sub_vectors
-    logger.info("building %s (%s) on %s of %s: %d rows, dim %d, %s", index_type, METRIC,
+    logger.info("building %s (%s) on %s of %s: %d rows, dim %d, %s", index_type, metric,
                 column, uri, rows, dim, kwargs)
-    dataset.create_index(column, index_type=index_type, metric=METRIC, replace=True,
+    dataset.create_index(column, index_type=index_type, metric=metric, replace=True,
                          name=f"{column}_idx", **kwargs)
-    return IndexPlan(column=column, index_type=index_type, metric=METRIC,
+    return IndexPlan(column=column, index_type=index_type, metric=metric,
                      num_partitions=partitions, num_sub_vectors=sub_vectors, rows=rows, dim=dim)

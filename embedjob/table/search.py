@@ -6,6 +6,13 @@ pairs with the table's (a ``retrieval.passage`` table is queried with ``retrieva
 truncated to the searched column's dim, then searched with Lance: through the column's vector
 index when one exists, flat (exact) otherwise. A query model whose weights or dims do not
 match the stamp is refused before any search.
+
+Quantized columns (``vector_<d>_bin``, ``vector_<d>_int8``) are searched in two stages:
+candidates by Hamming distance (binary: Lance's ``hamming`` metric, flat, or through an
+IVF_FLAT index when ``embedjob index`` built one) or by int8 dot product (a flat scan here:
+pylance 14 searches and indexes float vectors only), the query quantized exactly as the
+rows were (sign bits; the stamped int8 ranges), then the top ``k x rescore_factor``
+candidates rescored exactly against a float column (``rescore``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import pyarrow as pa
 from embedjob import schema as S
 from embedjob.errors import ConfigError, lance_open_error
 from embedjob.model.tasks import QUERY_TASKS
+from embedjob.stages import quantize
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -85,6 +93,14 @@ def vector_columns(schema: pa.Schema) -> dict[str, int]:
     """Vector column name -> dim, for ``vector`` and every ``vector_<d>``."""
     return {f.name: f.type.list_size for f in schema
             if S.is_vector_column(f.name) and pa.types.is_fixed_size_list(f.type)}
+
+
+def layout_column(schema: pa.Schema, column: str) -> S.VectorColumn:
+    """The stored vector column ``column`` (float or quantized), refusing other names."""
+    layout = S.vector_layout(schema)
+    if column not in layout:
+        raise ConfigError(f"column {column!r} not in the table's vector columns {list(layout)}")
+    return layout[column]
 
 
 def column_dim(schema: pa.Schema, column: str) -> int:
@@ -184,13 +200,15 @@ def search_vector(dataset: Any, column: str, vector: np.ndarray, *, k: int = 10,
 def search(uri: str, query: str, *, column: str = "vector", k: int = 10,
            show: Sequence[str] = (), model: str | None = None,
            storage: Storage | None = None, embedder: Any = None,
-           nprobes: int | None = None, refine_factor: int | None = 1) -> pa.Table:
+           nprobes: int | None = None, refine_factor: int | None = 1,
+           rescore: str | None = None, rescore_factor: int = 4) -> pa.Table:
     """Embed ``query`` as the table's queries are meant to be embedded, and search ``column``.
 
     Args:
         uri: The output table, local or ``s3://``.
         query: Raw query text (the paired task's instruction prefix is added).
-        column: ``vector`` or ``vector_<d>``.
+        column: ``vector``, ``vector_<d>``, or a quantized ``vector_<d>_bin`` /
+            ``vector_<d>_int8`` (see ``quantized_candidates`` for its scores).
         k: Rows to return.
         show: Extra columns to return beside ``id`` and ``score``.
         model: Query model source; default the stamp's ``embedjob.model_source``.
@@ -199,43 +217,163 @@ def search(uri: str, query: str, *, column: str = "vector", k: int = 10,
         nprobes: IVF partitions to probe (Lance's default when None).
         refine_factor: Re-rank ``k * refine_factor`` index candidates with exact distances;
             the default 1 makes the returned scores exact (PQ distances are approximate).
+        rescore: A float column: rescore the quantized ``column``'s top
+            ``k * rescore_factor`` candidates exactly (scores are then true cosines).
+        rescore_factor: Candidates per returned row for ``rescore``.
 
     Returns:
         Table ``id, score, *show``, best first.
 
     Raises:
-        ConfigError: Unknown column or show column, or a query model not matching the stamp.
+        ConfigError: Unknown column or show column, a rescore column that is not a float
+            column (or a float column with ``rescore``), or a query model not matching the
+            stamp.
     """
     return search_many(uri, [query], column=column, k=k, show=show, model=model,
                        storage=storage, embedder=embedder, nprobes=nprobes,
-                       refine_factor=refine_factor, default_show=False)[0]
+                       refine_factor=refine_factor, default_show=False, rescore=rescore,
+                       rescore_factor=rescore_factor)[0]
 
 
 def search_many(uri: str, queries: Sequence[str], *, column: str = "vector", k: int = 10,
                 show: Sequence[str] = (), model: str | None = None,
                 storage: Storage | None = None, embedder: Any = None,
                 nprobes: int | None = None, refine_factor: int | None = 1,
-                default_show: bool = True) -> list[pa.Table]:
+                default_show: bool = True, rescore: str | None = None,
+                rescore_factor: int = 4) -> list[pa.Table]:
     """:func:`search` for several queries: the model loads once, the queries embed as one
     batch. ``default_show``: with no ``show``, return the ``text`` column when the table
     keeps it (the CLI's snippet)."""
     storage = storage or Storage.resolve()
     dataset = open_table(uri, storage)
     stamp = read_stamp(dataset.schema)
-    dim = column_dim(dataset.schema, column)
+    target = layout_column(dataset.schema, column)
+    exact = _rescore_column(dataset.schema, target, rescore)
     unknown = [c for c in show if c not in dataset.schema.names]
     if unknown:
         raise ConfigError(f"--show columns {unknown} not in the table's columns "
                           f"{dataset.schema.names}")
     if not show and default_show and SNIPPET_COLUMN in dataset.schema.names:
         show = (SNIPPET_COLUMN,)
+    dims = dict.fromkeys(c.dim for c in (target, exact) if c is not None)
     if embedder is None:
         spec = _query_spec(stamp, model, storage)
-        check_query_model(spec, stamp, dim)  # before loading any weights
+        for dim in dims:
+            check_query_model(spec, stamp, dim)  # before loading any weights
         embedder = load_query_embedder(stamp, model, storage)
-    vectors = embed_queries(embedder, stamp, list(queries), dim)
-    return [search_vector(dataset, column, vector, k=k, columns=show, nprobes=nprobes,
-                          refine_factor=refine_factor) for vector in vectors]
+    vectors = {d: embed_queries(embedder, stamp, list(queries), d) for d in dims}
+    if not target.quantized:
+        return [search_vector(dataset, column, vector, k=k, columns=show, nprobes=nprobes,
+                              refine_factor=refine_factor) for vector in vectors[target.dim]]
+    return [_two_stage(dataset, target, exact, {d: v[i] for d, v in vectors.items()}, k=k,
+                       factor=rescore_factor, show=show, nprobes=nprobes)
+            for i in range(len(queries))]
+
+
+def _two_stage(dataset: Any, target: S.VectorColumn, exact: S.VectorColumn | None,
+               vectors: dict[int, np.ndarray], *, k: int, factor: int, show: Sequence[str],
+               nprobes: int | None) -> pa.Table:
+    """Quantized candidates for one query; rescored on ``exact`` when given."""
+    n = k * factor if exact is not None else k
+    codes = quantize_query(dataset.schema, target, vectors[target.dim])
+    rows, scores = quantized_candidates(dataset, target, codes, n, nprobes=nprobes)
+    if exact is None:
+        return _rows(dataset, rows, scores, show)
+    return rescore_rows(dataset, rows, exact.name, vectors[exact.dim], k=k, columns=show)
+
+
+def _rescore_column(schema: pa.Schema, target: S.VectorColumn,
+                    rescore: str | None) -> S.VectorColumn | None:
+    if rescore is None:
+        return None
+    if not target.quantized:
+        raise ConfigError(f"--rescore is for a quantized --column (vector_<d>_bin or "
+                          f"vector_<d>_int8); {target.name!r} is a float column (see "
+                          "--refine-factor)")
+    exact = layout_column(schema, rescore)
+    if exact.quantized:
+        floats = [c for c, v in S.vector_layout(schema).items() if not v.quantized]
+        raise ConfigError(f"--rescore {rescore!r} is not allowed; expected a float column "
+                          f"{floats}")
+    return exact
+
+
+def quantize_query(schema: pa.Schema, column: S.VectorColumn, vector: np.ndarray) -> np.ndarray:
+    """The query as the column's rows were quantized: from the vector cast to the table's
+    float dtype, sign bits (binary) or the stamped int8 ranges."""
+    stored = np.asarray(vector, read_stamp(schema).vector_dtype)[None, :]
+    if column.dtype == "binary":
+        return quantize.binary(stored)[0]
+    record = S.schema_metadata(schema).get(S.INT8_CALIBRATION)
+    ranges = quantize.parse_calibration(record) if record else {}
+    if column.dim not in ranges:
+        raise ConfigError(f"column {column.name!r} has no stamped int8 calibration "
+                          f"({S.INT8_CALIBRATION}); was it written by 'embedjob embed'?")
+    return quantize.int8(stored, *ranges[column.dim])[0]
+
+
+def quantized_candidates(dataset: Any, column: S.VectorColumn, codes: np.ndarray, n: int, *,
+                         nprobes: int | None = None,
+                         batch_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` best rows of a quantized column: (row ids, scores), best first.
+
+    Binary: Lance's nearest with the ``hamming`` metric (flat, or the column's IVF_FLAT
+    index); score ``1 - 2 * hamming / bits`` (the fraction of agreeing signs, rescaled to
+    [-1, 1]). int8: a flat scan, ``batch_rows`` rows at a time; score the int8 dot product.
+    """
+    if column.dtype == "binary":
+        nearest: dict[str, Any] = {"column": column.name, "q": codes, "k": n,
+                                   "metric": "hamming"}
+        if nprobes is not None:
+            nearest["nprobes"] = nprobes
+        found = dataset.to_table(nearest=nearest, columns=[DISTANCE_COLUMN],
+                                 with_row_id=True)
+        distance = found.column(DISTANCE_COLUMN).to_numpy().astype(np.float64)
+        return (found.column("_rowid").to_numpy(),
+                (1.0 - 2.0 * distance / column.dim).astype(np.float32))
+    best_rows = np.zeros(0, np.uint64)
+    best = np.zeros(0, np.int64)
+    for batch in dataset.to_batches(columns=[column.name], with_row_id=True,
+                                    batch_size=batch_rows):
+        values = batch.column(column.name)
+        matrix = values.values.to_numpy(zero_copy_only=False).reshape(len(values), -1)
+        rows = np.concatenate([best_rows, batch.column("_rowid").to_numpy()])
+        scores = np.concatenate([best, quantize.int8_dot(matrix, codes)])
+        keep = np.argsort(-scores, kind="stable")[:n]
+        best_rows, best = rows[keep], scores[keep]
+    return best_rows, best.astype(np.float32)
+
+
+def _fetch(dataset: Any, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
+    """Rows by row id (Lance's ``_rowid``), in the order of ``rows``."""
+    if len(rows) == 0:
+        return dataset.schema.empty_table().select(list(columns))
+    found = dataset.to_table(columns=list(dict.fromkeys(columns)), with_row_id=True,
+                             filter=f"_rowid IN ({','.join(str(int(r)) for r in rows)})")
+    where = {r: i for i, r in enumerate(found.column("_rowid").to_pylist())}
+    return found.take([where[int(r)] for r in rows])
+
+
+def _rows(dataset: Any, rows: np.ndarray, scores: np.ndarray, show: Sequence[str]) -> pa.Table:
+    wanted = ["id", *[c for c in show if c != "id"]]
+    found = _fetch(dataset, rows, wanted)
+    return pa.table({"id": found.column("id"), "score": pa.array(scores, pa.float32()),
+                     **{c: found.column(c) for c in wanted[1:]}})
+
+
+def rescore_rows(dataset: Any, rows: np.ndarray, column: str, vector: np.ndarray, *, k: int,
+                 columns: Sequence[str] = ()) -> pa.Table:
+    """The ``k`` best of candidate ``rows`` by exact dot product with ``column`` (cosine:
+    the stored vectors are normalized), as ``id, score, *columns``."""
+    wanted = ["id", *[c for c in columns if c != "id"]]
+    found = _fetch(dataset, rows, [*wanted, column])
+    values = found.column(column).combine_chunks()
+    matrix = values.values.to_numpy(zero_copy_only=False).reshape(len(values), -1)
+    scores = matrix.astype(np.float32) @ np.asarray(vector, np.float32)
+    order = np.argsort(-scores, kind="stable")[:k]
+    found = found.take(order)
+    return pa.table({"id": found.column("id"), "score": pa.array(scores[order], pa.float32()),
+                     **{c: found.column(c) for c in wanted[1:]}})
 
 
 def _query_spec(stamp: Stamp, model: str | None, storage: Storage):
