@@ -88,6 +88,16 @@ def test_embed_with_a_named_prompt_equals_sentence_transformers(
     best = sorted(expected, key=expected.get, reverse=True)[:3]
     assert found.column("id").to_pylist() == best
 
+    # read back as README shows: Ray Data, and LanceDB with the cosine metric
+    assert ray_session.data.read_lance(str(out)).count() == len(rows)
+    lancedb = pytest.importorskip("lancedb")
+    hits = (lancedb.connect(str(tmp_path)).open_table("out")
+            .search(matryoshka(q[None], 16)[0], vector_column_name="vector_16")
+            .distance_type("cosine").limit(3).to_arrow())
+    assert hits.column("id").to_pylist() == best
+    np.testing.assert_allclose(hits.column("_distance").to_numpy(),
+                               [1 - expected[i] for i in best], atol=1e-4)
+
 
 def test_pickle_only_checkpoint_refused_then_converted(tmp_path: Path) -> None:
     src = write_layout("bge-m3", tmp_path / "bge-m3", weights="pickle")
