@@ -1,5 +1,7 @@
 """``embedjob plan``: figures extrapolated from a sample match the corpus they describe."""
 
+import dataclasses
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -33,6 +35,9 @@ def test_plan_reports_rows_tokens_bytes_and_gpu_hours(golden_dir, tmp_path):
     assert report.tokenizer_tokens_per_s > 1000
     assert report.tokenize_tasks == 1
     assert "to feed 1 encode actor(s): 1 tokenize task(s) (--tokenize-tasks 1)" in report.lines()
+    assert "model licence: unknown" in report.lines()  # the golden dir has no model card
+    nc = dataclasses.replace(report, model_license="cc-by-nc-4.0")
+    assert "model licence: cc-by-nc-4.0 (non-commercial use only)" in nc.lines()
 
 
 def test_tokenize_tasks_feed_the_actors_with_headroom():
