@@ -182,8 +182,9 @@ def _plan(config: EmbedConfig, options: PlanOptions) -> None:
     from embedjob.ops.plan import size_job
 
     report = size_job(config, sample_rows=options.sample_rows,
-                      tokens_per_s=options.tokens_per_s)
-    print("\n".join(report.lines()))
+                      tokens_per_s=options.tokens_per_s, gpu=options.gpu, gpus=options.gpus,
+                      price=options.price_range())
+    print(report.to_json() if options.json else "\n".join(report.lines()))
 
 
 def _compact(options: CompactOptions) -> None:
@@ -303,7 +304,8 @@ def commands() -> dict[str, Command]:
         "plan": Command("size a job from a sample of its input (rows, tokens, bytes, "
                         "GPU-hours)", (EmbedConfig, PlanOptions), _plan, True, (
             "embedjob plan --input 's3://corpus/docs/*.parquet' --num-actors 8",
-            "embedjob plan --config job.yaml --sample-rows 50000 --tokens-per-s 120000",
+            "embedjob plan --config job.yaml --gpu h100 --gpus 8 --gpu-price 2-3.5",
+            "embedjob plan --input corpus.parquet --gpu a100 --gpus 4 --json",
         )),
         "compact": Command("compact small fragments and drop old table versions",
                            (CompactOptions,), _compact, examples=(
@@ -345,6 +347,7 @@ def commands() -> dict[str, Command]:
             "torch.load(weights_only=True)); the job itself loads safetensors only",
             (ConvertWeightsOptions,), _convert_weights, examples=(
                 "embedjob convert-weights ./bge-m3 ./bge-m3-safetensors",
+                "embedjob convert-weights /models/old-bert /models/old-bert-safetensors -q",
             )),
         "eval": Command("retrieval quality of every vector column on real data (eval.json + "
                         "eval.png)", (EvalConfig,), _eval, examples=(

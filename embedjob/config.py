@@ -317,10 +317,36 @@ class PlanOptions:
     tokens_per_s: float | None = knob(
         None, help="encoder throughput for the GPU-hours estimate (default: the last "
                    "`embedjob bench` on this machine)")
+    gpu: Literal["h100", "h200", "a100", "l4"] | None = knob(
+        None, help="estimate wall-clock and cost on this GPU type (from --tokens-per-s when "
+                   "given, else a built-in reference figure whose source is printed) "
+                   "(default: no estimate)")
+    gpus: int = knob(1, help="GPUs for the --gpu estimate (one encode actor each)")
+    gpu_price: str | None = knob(
+        None, metavar="USD[-USD]",
+        help="$ per GPU-hour for the --gpu estimate, one price or a range (default: a "
+             "built-in on-demand range per GPU type)")
+    json: bool = knob(False, help="print the plan as JSON")
 
     def __post_init__(self) -> None:
         _require(_is_int(self.sample_rows) and self.sample_rows >= 1, "sample_rows",
                  self.sample_rows, "an integer >= 1")
+        _require(_is_int(self.gpus) and self.gpus >= 1, "gpus", self.gpus, "an integer >= 1")
+        if self.gpu_price is not None:
+            self.price_range()
+
+    def price_range(self) -> tuple[float, float] | None:
+        """``--gpu-price`` as (low, high) $/GPU-hour."""
+        if self.gpu_price is None:
+            return None
+        try:
+            parts = [float(p) for p in str(self.gpu_price).split("-")]
+        except ValueError:
+            parts = []
+        if len(parts) not in (1, 2) or min(parts) <= 0 or parts[0] > parts[-1]:
+            raise ConfigError(f"--gpu-price {self.gpu_price!r} is not allowed; expected a "
+                              "price or a range in $ per GPU-hour, e.g. 2.5 or 2-4")
+        return parts[0], parts[-1]
 
 
 def _known(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,78 @@ FOOTER_SAMPLE = 64  # Parquet footers read to estimate rows (all of them below t
 FOOTER_THREADS = 16  # footers read at once (each is one or two ranged GETs)
 PERCENTILES = (50, 90, 99, 100)
 
+# Reference throughput when none was measured: jina-embeddings-v3's shape (303.4M
+# non-embedding parameters, 636 MFLOP per token at 300-token rows) at 35-50% MFU of each
+# card's dense bf16 peak -- BENCHMARKS.md "Projection: 1B rows x 300 tokens on H100" (a
+# projection, not a measurement; a smaller model is faster: pass --tokens-per-s or run
+# `embedjob bench --device cuda`). Prices: on-demand $/GPU-hour ranges, assumptions that
+# --gpu-price overrides, not quotes.
+FLOP_PER_TOKEN = 636e6
+MFU_RANGE = (0.35, 0.50)
+GPUS: dict[str, tuple[float, tuple[float, float]]] = {  # name: (peak TFLOP/s, $/h range)
+    "h100": (989.0, (2.0, 4.0)),
+    "h200": (989.0, (3.0, 5.0)),
+    "a100": (312.0, (1.2, 2.5)),
+    "l4": (121.0, (0.5, 0.9)),
+}
+REFERENCE_SOURCE = ("reference: jina-v3 shape at 35-50% MFU of the card's bf16 peak "
+                    "(BENCHMARKS.md projection, not a measurement)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CostEstimate:
+    """Wall-clock and cost of the job on ``gpus`` cards of one type, as ranges."""
+
+    gpu: str
+    gpus: int
+    tokens_per_s_per_gpu: tuple[float, float]
+    source: str  # where the throughput comes from
+    hours: tuple[float, float]  # wall-clock
+    price_per_gpu_hour: tuple[float, float]
+    cost: tuple[float, float]
+
+    def line(self) -> str:
+        lo, hi = self.hours
+        return (f"on {self.gpus} x {self.gpu.upper()}: ~{_duration(lo)} to {_duration(hi)} "
+                f"wall-clock, ${self.cost[0]:,.0f} to ${self.cost[1]:,.0f} at "
+                f"${self.price_per_gpu_hour[0]:g}-{self.price_per_gpu_hour[1]:g} per GPU-hour "
+                f"({self.tokens_per_s_per_gpu[0]:,.0f}-{self.tokens_per_s_per_gpu[1]:,.0f} "
+                f"tokens/s per GPU; {self.source})")
+
+
+def estimate_cost(tokens: int, gpu: str, gpus: int, *, measured: float | None = None,
+                  measured_source: str = "", price: tuple[float, float] | None = None
+                  ) -> CostEstimate:
+    """Wall-clock and cost ranges for ``tokens`` on ``gpus`` cards of type ``gpu``.
+
+    Args:
+        tokens: Tokens to embed.
+        gpu: A key of ``GPUS``.
+        gpus: Cards (one encode actor each).
+        measured: A measured tokens/s per GPU (a point, not a range); else the reference.
+        measured_source: Where ``measured`` comes from.
+        price: $/GPU-hour (low, high); default the table's range for ``gpu``.
+    """
+    peak, default_price = GPUS[gpu]
+    if measured:
+        speed, source = (measured, measured), measured_source
+    else:
+        speed = tuple(peak * 1e12 * m / FLOP_PER_TOKEN for m in MFU_RANGE)
+        source = REFERENCE_SOURCE
+    price = price or default_price
+    hours = (tokens / (speed[1] * gpus) / 3600, tokens / (speed[0] * gpus) / 3600)
+    return CostEstimate(gpu=gpu, gpus=gpus, tokens_per_s_per_gpu=speed, source=source,
+                        hours=hours, price_per_gpu_hour=price,
+                        cost=(hours[0] * gpus * price[0], hours[1] * gpus * price[1]))
+
+
+def _duration(hours: float) -> str:
+    if hours < 1 / 60:
+        return f"{hours * 3600:.0f} s"
+    if hours < 1:
+        return f"{hours * 60:.0f} min"
+    return f"{hours:,.1f} h"
+
 
 @dataclass(frozen=True, kw_only=True)
 class SizingReport:
@@ -50,6 +122,10 @@ class SizingReport:
     num_actors: int
     tokenize_tasks: int | None  # tasks that feed num_actors at tokens_per_s; None: unknown
     model_license: str = "unknown"
+    max_tokens: int = 0  # the model's limit per text
+    truncated_rows: int = 0  # estimated rows over max_tokens (cut when embedded)
+    truncated_sampled: int = 0  # of the sample
+    cost: CostEstimate | None = None
 
     def lines(self) -> list[str]:
         # "~": an estimate (extrapolated from the sample); no "~": counted
@@ -75,12 +151,26 @@ class SizingReport:
         if self.tokenize_tasks is not None:
             out.append(f"to feed {self.num_actors} encode actor(s): {self.tokenize_tasks} "
                        f"tokenize task(s) (--tokenize-tasks {self.tokenize_tasks})")
+        if self.cost is not None:
+            out.append(self.cost.line())
+        if self.truncated_sampled:
+            out.append(f"warning: ~{self.truncated_rows:,} rows ({self.truncated_sampled:,} of "
+                       f"the {self.sampled_rows:,} sampled) are over the model's "
+                       f"{self.max_tokens:,}-token limit: they will be cut there "
+                       "(output column truncated = true)")
         return out
+
+    def to_json(self) -> str:
+        from dataclasses import asdict
+
+        return json.dumps(asdict(self))
 
 
 def size_job(config: EmbedConfig, *, sample_rows: int = 20000,
-             tokens_per_s: float | None = None) -> SizingReport:
-    """Sample the input and extrapolate the job's size."""
+             tokens_per_s: float | None = None, gpu: str | None = None, gpus: int = 1,
+             price: tuple[float, float] | None = None) -> SizingReport:
+    """Sample the input and extrapolate the job's size (and, for ``gpu``, its wall-clock
+    and cost on ``gpus`` of those cards at ``price`` $/GPU-hour)."""
     from embedjob.driver.preflight import model_plan, read_spec_for
 
     storage = Storage.resolve(config.storage_options)
@@ -96,7 +186,9 @@ def size_job(config: EmbedConfig, *, sample_rows: int = 20000,
     texts, sampled_units = _sample_texts(units[:SAMPLE_FILES], read_spec, sample_rows)
     tokenizer = spec.tokenizer()
     started = time.perf_counter()
-    lengths = np.array([len(x) for x in tokenizer.tokenize(texts, task).ids] or [0])
+    tokenized = tokenizer.tokenize(texts, task)
+    lengths = np.array([len(x) for x in tokenized.ids] or [0])
+    over = int(np.asarray(tokenized.truncated).sum()) if len(texts) else 0
     tokenizer_speed = float(lengths.sum()) / max(time.perf_counter() - started, 1e-9)
     rows, exact = _estimate_rows(inputs, sampled_units, len(texts), read_spec)
     width = 2 if config.vector_dtype == "float16" else 4
@@ -113,7 +205,11 @@ def size_job(config: EmbedConfig, *, sample_rows: int = 20000,
         gpu_hours=total_tokens / speed / 3600 if speed else None,
         tokenizer_tokens_per_s=tokenizer_speed, num_actors=config.num_actors,
         tokenize_tasks=tokenize_tasks(config.num_actors, speed, tokenizer_speed),
-        model_license=spec.license,
+        model_license=spec.license, max_tokens=spec.max_tokens,
+        truncated_sampled=over, truncated_rows=round(over / max(len(texts), 1) * rows),
+        cost=None if gpu is None else estimate_cost(
+            total_tokens, gpu, gpus, measured=tokens_per_s,
+            measured_source="--tokens-per-s", price=price),
     )
 
 

