@@ -195,8 +195,13 @@ INT8_CALIBRATION = "embedjob.int8_calibration"  # JSON {rows, formula, ranges {d
 COMPATIBILITY_KEYS: tuple[str, ...] = (WEIGHTS_HASH, TASK, INSTRUCTION, DIMS, VECTOR_DTYPE,
                                        QUANTIZE, FLOAT_DIMS)
 # Table metadata (not schema metadata): the progress record and the last run's summary.
-PROGRESS_KEY = "embedjob.progress"
-LAST_RUN_KEY = "embedjob.last_run"
+PROGRESS_KEY = "embedjob.progress"  # (older tables; now in the transaction properties)
+LAST_RUN_KEY = "embedjob.last_run"  # also the last commit's transaction property
+# Transaction properties of every output commit of a run (driver/progress.py).
+TX_RUN_KEY = "embedjob.run_key"
+TX_UNITS = "embedjob.units"  # JSON: the units this commit finishes, per file
+TX_RUN_START = "embedjob.run_start"  # on a fresh run's first commit
+TX_COMPLETE = "embedjob.complete"  # on the run's last commit
 
 
 def schema_metadata(schema: pa.Schema) -> dict[str, str]:

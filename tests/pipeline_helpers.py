@@ -53,3 +53,45 @@ def write_parts(directory: Path, files: int, rows_per_file: int) -> list[dict]:
         pq.write_table(to_table(part), directory / f"p{f}.parquet")
         rows += part
     return rows
+
+
+def recorded_units(uri: str, storage_options: dict | None = None) -> tuple[str, dict, dict]:
+    """(run key, unit -> fingerprint, unit -> key range) that the latest run's commits
+    recorded in their transaction properties, complete or not."""
+    import lance
+
+    from embedjob import schema as S
+    from embedjob.driver import progress
+
+    dataset = lance.dataset(uri, storage_options=storage_options)
+    key, done, ranges = None, {}, {}
+    for version in sorted((v["version"] for v in dataset.versions()), reverse=True):
+        transaction = dataset.read_transaction(version)
+        props = (transaction.transaction_properties or {}) if transaction else {}
+        if S.TX_RUN_KEY not in props or props[S.TX_RUN_KEY] != (key or props[S.TX_RUN_KEY]):
+            continue
+        key = props[S.TX_RUN_KEY]
+        progress._add_units(props.get(S.TX_UNITS), done, ranges)
+        if S.TX_RUN_START in props:
+            break
+    return key, done, ranges
+
+
+def interrupt(uri: str, keep, storage_options: dict | None = None) -> tuple[dict, dict]:
+    """Make the output look as if its run had died with only the units ``keep(unit)``
+    accepts done: one empty commit recording a fresh run start with those units (the newest
+    run record wins). Returns every unit the run had recorded and their key ranges."""
+    import lance
+    from lance.dataset import Transaction
+
+    from embedjob.driver import progress
+
+    key, done, ranges = recorded_units(uri, storage_options)
+    finished = {u: (fp, ranges.get(u)) for u, fp in done.items() if keep(u)}
+    dataset = lance.dataset(uri, storage_options=storage_options)
+    transaction = Transaction(
+        read_version=dataset.version, operation=lance.LanceOperation.Append([]),
+        transaction_properties=progress.commit_properties(key, finished, first=True,
+                                                          last_run=None))
+    lance.LanceDataset.commit(uri, transaction, storage_options=storage_options)
+    return done, ranges

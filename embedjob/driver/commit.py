@@ -3,8 +3,10 @@
 The output and the rejected table are committed together, every ``commit_interval_s`` and
 at the end. The first commit of a table that this run (re)creates is an Overwrite with the
 stamped schema; later ones are Appends on top of the version this run last committed.
-After each commit the progress record (``embedjob.driver.progress``) is updated, so a rerun after a
-crash resumes from the last commit.
+The units a commit finishes travel in that same output commit, as Lance transaction
+properties (``embedjob.driver.progress``): rows and the record of them are one atomic step,
+and each commit records only what it adds. The last commit also carries the run summary;
+there is no metadata-only commit.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from dataclasses import dataclass, field
 import lance
 import pyarrow as pa
 import ray
+from lance.dataset import Transaction
 
-from embedjob.driver.progress import ProgressRecord, UnitLedger
+from embedjob.driver import progress
+from embedjob.driver.progress import UnitLedger
 from embedjob.errors import retry_transient
-from embedjob.schema import LAST_RUN_KEY, PROGRESS_KEY, Counts
+from embedjob.schema import Counts
 from embedjob.stages.write import load_fragments
 from embedjob.storage import Storage
 
@@ -41,26 +45,36 @@ class TableCommitter:
     def add(self, pickled: list[bytes]) -> None:
         self.pending.extend(load_fragments(pickled))
 
-    def commit(self, *, force: bool = False) -> None:
-        """Commit pending fragments (``force`` also commits an empty Overwrite once)."""
+    def commit(self, *, force: bool = False, properties: dict[str, str] | None = None) -> None:
+        """Commit pending fragments.
+
+        Args:
+            force: Also commit an empty Overwrite once (a table this run creates).
+            properties: Transaction properties; a commit with properties is made even when
+                no fragment is pending (an empty Append carrying them).
+        """
         first = self.version is None
-        if not self.pending and not (force and first and self.recreate):
+        if not self.pending and not properties and not (force and first and self.recreate):
             return
         if first and self.recreate:
             operation = lance.LanceOperation.Overwrite(self.schema, self.pending)
-            read_version = None
+            read_version = 0
         else:
             operation = lance.LanceOperation.Append(self.pending)
             read_version = self.version if self.version is not None else self._latest()
+        transaction = Transaction(read_version=read_version, operation=operation,
+                                  transaction_properties=dict(properties or {}))
         dataset = lance.LanceDataset.commit(
-            self.uri,
-            operation,
-            read_version=read_version,
-            storage_options=self.storage.lance_options(),
-        )
+            self.uri, transaction, storage_options=self.storage.lance_options())
         self.version = dataset.version
         self.commits += 1
         self.pending = []
+
+    def next_version(self) -> int:
+        """The version the next commit will make (unless another writer commits first)."""
+        if self.version is not None:
+            return self.version + 1
+        return (self._latest() if self.storage.lance_exists(self.uri) else 0) + 1
 
     def _latest(self) -> int:
         return self.dataset().version
@@ -68,16 +82,6 @@ class TableCommitter:
     def dataset(self) -> lance.LanceDataset:
         return retry_transient(lambda: self.storage.open_lance(self.uri),
                                what=f"opening {self.uri}")
-
-    def update_metadata(self, values: dict[str, str]) -> None:
-        """Table-level key/values (a metadata-only commit)."""
-        if self.version is None and self.recreate:
-            return  # nothing committed yet: the table does not exist
-        dataset = self.dataset()
-        # a repeated metadata update writes the same values: safe to retry
-        retry_transient(lambda: dataset.update_metadata(values),
-                        what=f"updating the metadata of {self.uri}")
-        self.version = dataset.version
 
 
 @dataclass
@@ -90,6 +94,7 @@ class Committer:
     ledger: UnitLedger
     tracker: ray.actor.ActorHandle
     run_key: str
+    first: bool = True  # the next output commit is this run's first (not a resume's)
     counts: Counts = field(default_factory=Counts)
     started: float = field(default_factory=time.monotonic)
     last_commit: float = field(default_factory=time.monotonic)
@@ -106,32 +111,26 @@ class Committer:
         if time.monotonic() - self.last_commit >= self.interval_s:
             self.commit()
 
-    def commit(
-        self, *, create: bool = False, final: bool = False, last_run: str | None = None
-    ) -> None:
-        """Commit what is pending, then the progress record.
+    def commit(self, *, create: bool = False, last_run: str | None = None) -> None:
+        """Commit what is pending with the record of the units it finishes.
 
         Args:
             create: Also create tables this run (re)creates when nothing is pending.
-            final: Mark the run complete in the progress record.
-            last_run: The run summary (JSON) to store beside the progress record.
+            last_run: The run summary (JSON): this is the run's last commit, which marks
+                it complete.
         """
         # Rejected rows first: a reader of the output never sees rows whose rejected
         # siblings are not yet visible.
         self.rejected.commit(force=create)
-        self.main.commit(force=create)
-        self.ledger.on_commit(ray.get(self.tracker.take.remote()))
-        record = ProgressRecord(run_key=self.run_key, done=self.ledger.done,
-                                ranges=self.ledger.ranges, complete=final)
-        metadata = {PROGRESS_KEY: record.to_json()}
-        if last_run is not None:
-            metadata[LAST_RUN_KEY] = last_run
-        self.main.update_metadata(metadata)
+        finished = self.ledger.finishing(ray.get(self.tracker.take.remote()))
+        properties = progress.commit_properties(
+            self.run_key, finished, first=self.first, last_run=last_run)
+        worth = bool(finished) or last_run is not None or (self.first and self.main.pending)
+        self.main.commit(force=create, properties=properties if worth else None)
+        self.ledger.finished(finished)
+        self.first = self.first and self.main.version is None
         self.last_commit = time.monotonic()
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        if final:  # a metadata-only version: the run's record, no rows
-            logger.info("recorded the run's summary: output version %s", self.main.version)
-            return
         logger.info(
             "data commit %d: %d rows embedded, %d rejected so far, %.0f tokens/s, output "
             "version %s", self.main.commits, self.counts.rows_embedded,

@@ -1,13 +1,17 @@
-"""Resumable runs: which input units are fully committed, stored with the output.
+"""Resumable runs: which input units are fully committed, stored with the output's data.
 
-The progress record lives in the output table's metadata (``embedjob.progress``, JSON):
-the run key (what this output is being built from), each finished unit with the
-fingerprint it had when read, and whether the run completed. It is written right after
-every data commit; a crash between the two only means a finished unit is redone.
+Each output commit carries, as Lance transaction properties, the units it finishes
+(``embedjob.units``: per file its fingerprint and, for byte ranges, the range and the
+``source_row`` keys it holds), the run key (``embedjob.run_key``: what this output is being
+built from), ``embedjob.run_start`` on a fresh run's first commit and ``embedjob.complete``
+plus the summary on its last one. Rows and the record of them are one atomic commit; each
+commit records only what it adds, so nothing in the table grows with the number of units.
+A resume walks the transaction history back from the latest version to the run's start
+(one small read per version of this run) and rebuilds the record.
 
 Each output row carries ``source_file`` and ``source_row``, so resuming deletes the rows of
 unfinished units from both tables and embeds those units again: every valid id ends up
-exactly once, and at most one commit interval of work is redone.
+exactly once, and at most the units in flight plus one commit interval are redone.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from dataclasses import dataclass, field
 import pyarrow.compute as pc
 import ray
 
+from embedjob import schema as S
 from embedjob.schema import PROGRESS_KEY
-from embedjob.stages.read import unit_file
+from embedjob.stages.read import split_unit, unit_file
 from embedjob.storage import Storage
 
 
@@ -101,10 +106,70 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def read_record(uri: str, storage: Storage) -> ProgressRecord | None:
-    """The progress record of the table at ``uri``; None when there is no table or record."""
+    """The progress of the run that last wrote the table at ``uri``, from the transaction
+    history; None when there is no table or no run recorded in it."""
     if not storage.lance_exists(uri):
         return None
-    return ProgressRecord.from_metadata(storage.open_lance(uri).metadata)
+    dataset = storage.open_lance(uri)
+    record = record_from_history(dataset)
+    return record if record is not None else ProgressRecord.from_metadata(dataset.metadata)
+
+
+def record_from_history(dataset) -> ProgressRecord | None:
+    """Walk back from the latest version: transactions without a run key (deletes,
+    compaction, index builds) are skipped; the newest run key decides the run; its units
+    are gathered until its first commit (``run_start``) or another run's commit."""
+    key, complete = None, False
+    done: dict[str, str] = {}
+    ranges: dict[str, tuple[int, int]] = {}
+    for version in sorted((v["version"] for v in dataset.versions()), reverse=True):
+        transaction = dataset.read_transaction(version)
+        props = (transaction.transaction_properties or {}) if transaction else {}
+        if S.TX_RUN_KEY not in props:
+            continue
+        if key is None:
+            key, complete = props[S.TX_RUN_KEY], S.TX_COMPLETE in props
+            if complete:
+                break  # a finished run: nothing to resume
+        elif props[S.TX_RUN_KEY] != key:
+            break
+        _add_units(props.get(S.TX_UNITS), done, ranges)
+        if S.TX_RUN_START in props:
+            break
+    if key is None:
+        return None
+    return ProgressRecord(run_key=key, done=done, ranges=ranges, complete=complete)
+
+
+def commit_properties(key: str, finished: Mapping[str, tuple[str, tuple[int, int] | None]],
+                      *, first: bool, last_run: str | None) -> dict[str, str]:
+    """The transaction properties of one output commit (only what it adds).
+
+    ``finished``: unit -> (its file's fingerprint, its key range or None).
+    """
+    files: dict[str, dict] = {}
+    for unit, (fingerprint, key_range) in sorted(finished.items()):
+        path, start, end = split_unit(unit)
+        entry = files.setdefault(path, {"fp": fingerprint, "units": []})
+        entry["units"].append(None if end is None else [start, end, *key_range])
+    props = {S.TX_RUN_KEY: key, S.TX_UNITS: json.dumps(files, separators=(",", ":"))}
+    if first:
+        props[S.TX_RUN_START] = "1"
+    if last_run is not None:
+        props |= {S.TX_COMPLETE: "1", S.LAST_RUN_KEY: last_run}
+    return props
+
+
+def _add_units(raw: str | None, done: dict[str, str],
+               ranges: dict[str, tuple[int, int]]) -> None:
+    for path, entry in json.loads(raw or "{}").items():
+        for item in entry["units"]:
+            if item is None:
+                done[path] = entry["fp"]
+            else:
+                start, end, lo, hi = item
+                unit = f"{path}#bytes={start}-{end}"
+                done[unit], ranges[unit] = entry["fp"], (lo, hi)
 
 
 def run_key(parts: Mapping[str, object]) -> str:
@@ -129,23 +194,29 @@ class UnitLedger:
     def add(self, units: list[str], rows: list[int]) -> None:
         self.pending.update(dict(zip(units, rows, strict=True)))
 
-    def on_commit(self, read: Mapping[str, tuple[int, tuple[int, int] | None]]) -> list[str]:
-        """Pending rows are now committed; units whose every row is committed are done.
+    def finishing(self, read: Mapping[str, tuple[int, tuple[int, int] | None]]
+                  ) -> dict[str, tuple[str, tuple[int, int] | None]]:
+        """The units that the commit about to be made finishes: every row of theirs is
+        committed or pending in it. Call ``finished`` once that commit succeeded.
 
         Args:
             read: Units whose read finished since the last call (``ReadTracker.take``).
 
         Returns:
-            The units this commit finished.
+            unit -> (its file's fingerprint, its key range or None).
         """
+        self.read.update({u: v for u, v in read.items() if u not in self.done})  # retried reads
+        return {u: (self.fingerprints[unit_file(u)], key_range)
+                for u, (total, key_range) in self.read.items()
+                if self.committed[u] + self.pending[u] == total}
+
+    def finished(self, units: Mapping[str, tuple[str, tuple[int, int] | None]]) -> None:
+        """The commit succeeded: pending rows are committed, ``units`` are done."""
         self.committed.update(self.pending)
         self.pending.clear()
-        self.read.update({u: v for u, v in read.items() if u not in self.done})  # retried reads
-        finished = [u for u, (total, _) in self.read.items() if self.committed[u] == total]
-        for unit in finished:
-            total, key_range = self.read.pop(unit)
+        for unit, (fingerprint, key_range) in units.items():
+            self.read.pop(unit, None)
             self.committed.pop(unit, None)
-            self.done[unit] = self.fingerprints[unit_file(unit)]
+            self.done[unit] = fingerprint
             if key_range is not None:
                 self.ranges[unit] = key_range
-        return finished

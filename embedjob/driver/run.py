@@ -130,10 +130,9 @@ def _run(plan: RunPlan, started: float, registry, encoder: type,
             reporter.progress(committer.counts)
     reporter.finished()
     _check_one_to_one(committer, registry, seeded)
-    committer.commit(create=True)
-    # The final commit writes only metadata (progress + this summary): one more version.
+    # The last commit: the rest of the rows, the units they finish, the summary, "complete".
     summary = _summary(plan, committer, time.monotonic() - started)
-    committer.commit(final=True, last_run=json.dumps(asdict(summary)))
+    committer.commit(create=True, last_run=json.dumps(asdict(summary)))
     if committer.main.version != summary.table_version:  # another writer committed too
         logger.warning("output is at version %s, not %s: another writer committed meanwhile",
                        committer.main.version, summary.table_version)
@@ -164,6 +163,7 @@ def _committer(plan: RunPlan, started: float) -> Committer:
         ledger=progress.UnitLedger(fingerprints=plan.fingerprints, done=done, ranges=ranges),
         tracker=progress.ReadTracker.remote(),
         run_key=plan.run_key,
+        first=plan.resumed is None,
         main=TableCommitter(uri=cfg.output, schema=plan.schema, recreate=plan.recreate_output,
                             storage=plan.storage),
         rejected=TableCommitter(uri=cfg.rejected_uri, schema=S.REJECTED_SCHEMA,
@@ -209,7 +209,7 @@ def _summary(plan: RunPlan, committer: Committer, wall_s: float) -> Summary:
         **counts.counters(),
         output=plan.config.output,
         rejected_output=plan.config.rejected_uri,
-        table_version=(committer.main.version or 0) + 1,
+        table_version=committer.main.next_version(),
         rows_read=counts.rows_embedded + counts.rows_rejected + counts.rows_unchanged,
         rows_new=counts.rows_embedded - counts.rows_changed,
         rows_deleted=0,
@@ -218,7 +218,7 @@ def _summary(plan: RunPlan, committer: Committer, wall_s: float) -> Summary:
         else 1.0,
         tokens_per_s=counts.tokens / wall_s if wall_s > 0 else 0.0,
         wall_s=round(wall_s, 3),
-        commits=committer.main.commits,
+        commits=committer.main.commits + 1,  # made before the last commit, counting it
         task=plan.task,
         dims=list(plan.dims),
     )

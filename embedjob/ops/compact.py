@@ -61,11 +61,16 @@ def compact_unlocked(output: str, storage: Storage, retain_days: float,
     from lance.optimize import CompactionOptions
     from lance_ray import compact_files
 
-    before = len(storage.open_lance(output).get_fragments())
+    from embedjob.table.info import last_run_json
+
+    held = storage.open_lance(output)
+    before, summary = len(held.get_fragments()), last_run_json(held)
     compact_files(output, storage_options=storage.lance_options(),
                   compaction_options=CompactionOptions(
                       target_rows_per_fragment=target_rows_per_fragment),
                   num_workers=2)
+    if summary is not None:  # the run summary's commit may be cleaned up next: carry it
+        carry_last_run(output, storage, summary)
     dataset = storage.open_lance(output)
     stats = dataset.cleanup_old_versions(older_than=dt.timedelta(days=retain_days),
                                          delete_unverified=True)
@@ -73,6 +78,19 @@ def compact_unlocked(output: str, storage: Storage, retain_days: float,
                            stats.bytes_removed)
     logger.info("compacted %s: %s", output, report.line())
     return report
+
+
+def carry_last_run(output: str, storage: Storage, summary: str) -> None:
+    """One empty commit carrying the run summary (``embedjob.last_run``) forward."""
+    from lance.dataset import Transaction
+
+    from embedjob import schema as S
+
+    dataset = storage.open_lance(output)
+    transaction = Transaction(read_version=dataset.version,
+                              operation=lance.LanceOperation.Append([]),
+                              transaction_properties={S.LAST_RUN_KEY: summary})
+    lance.LanceDataset.commit(output, transaction, storage_options=storage.lance_options())
 
 
 def piled_up(dataset: lance.LanceDataset, target: int = TARGET_ROWS_PER_FRAGMENT) -> bool:

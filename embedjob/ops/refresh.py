@@ -91,10 +91,13 @@ def _refresh(config: EmbedConfig, storage: Storage, reporter=None):
     storage.remove_tree(staging)
     _upkeep(config, storage)
     final = storage.open_lance(config.output)
-    # the last-run record is one more (metadata-only) version
+    # the summary is one more (empty) version: the upsert and deletes are Lance's own
+    # commits, which take no transaction properties
     summary = dataclasses.replace(summary, output=config.output, rows_deleted=deleted,
                                   table_version=final.version + 1)
-    final.update_metadata({S.LAST_RUN_KEY: json.dumps(dataclasses.asdict(summary))})
+    from embedjob.ops import compact
+
+    compact.carry_last_run(config.output, storage, json.dumps(dataclasses.asdict(summary)))
     if config.summary_json:
         run.write_json(config.summary_json, dataclasses.asdict(summary))
     logger.info("%s", summary.line())

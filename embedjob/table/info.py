@@ -105,8 +105,20 @@ def _rejected_rows(uri: str, storage: Storage) -> int | None:
     return open_table(uri, storage).count_rows()
 
 
+def last_run_json(dataset: Any) -> str | None:
+    """The newest run summary: a transaction property of the commit that ended the run
+    (``embedjob.last_run``), found walking back from the latest version past compactions,
+    deletes and index builds; older tables kept it in the table metadata."""
+    for version in sorted((v["version"] for v in dataset.versions()), reverse=True):
+        transaction = dataset.read_transaction(version)
+        props = (transaction.transaction_properties or {}) if transaction else {}
+        if S.LAST_RUN_KEY in props:
+            return props[S.LAST_RUN_KEY]
+    return dataset.metadata.get(S.LAST_RUN_KEY)
+
+
 def _last_run(dataset: Any) -> dict[str, Any] | None:
-    raw = dataset.metadata.get(S.LAST_RUN_KEY)
+    raw = last_run_json(dataset)
     if raw is None:
         return None
     try:

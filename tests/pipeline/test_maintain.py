@@ -8,6 +8,7 @@ from embedjob.config import EmbedConfig
 from embedjob.driver.run import run
 from embedjob.ops.compact import compact
 from embedjob.storage import Storage
+from embedjob.table.info import last_run_json
 from tests.pipeline_helpers import vectors_by_id, write_parts
 
 pytestmark = pytest.mark.pipeline
@@ -26,6 +27,7 @@ def test_compact_merges_small_fragments_and_drops_old_versions(
     vectors = vectors_by_id(before.to_table())
     assert len(before.get_fragments()) >= 4 and len(before.versions()) >= 3
 
+    summary = last_run_json(before)
     report = compact(config.output, Storage(), retain_days=0)
     after = lance.dataset(config.output)
     assert report.fragments_before == len(before.get_fragments())
@@ -34,4 +36,4 @@ def test_compact_merges_small_fragments_and_drops_old_versions(
     compacted = vectors_by_id(after.to_table())
     assert sorted(compacted) == sorted(vectors) == list(range(40))
     assert all(np.array_equal(compacted[i], vectors[i]) for i in vectors)
-    assert after.metadata["embedjob.last_run"]  # the run record survives compaction
+    assert last_run_json(after) == summary is not None  # the run summary survives compaction

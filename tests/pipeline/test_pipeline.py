@@ -12,8 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedjob.config import EmbedConfig
+from embedjob.driver.progress import read_record
 from embedjob.driver.run import run
-from tests.pipeline_helpers import content_hash, l2, real_rows, to_table, vectors_by_id
+from embedjob.storage import Storage
+from embedjob.table.info import last_run_json
+from tests.pipeline_helpers import (
+    content_hash,
+    l2,
+    real_rows,
+    recorded_units,
+    to_table,
+    vectors_by_id,
+)
 
 pytestmark = pytest.mark.pipeline
 TASK = "retrieval.passage"
@@ -111,10 +121,12 @@ def test_s3_corpus_to_s3_lance_exactly_once_and_equal_to_encode_alone(
     assert summary.tokens == sum(table.column("n_tokens").to_pylist())
     assert 0 < summary.padding_efficiency <= 1
     assert summary.table_version == dataset.version
-    last_run = json.loads(dataset.metadata["embedjob.last_run"])
+    # the summary and the progress record travel in the commits' transaction properties
+    last_run = json.loads(last_run_json(dataset))
     assert last_run["rows_embedded"] == 80 and last_run["table_version"] == dataset.version
-    progress = json.loads(dataset.metadata["embedjob.progress"])
-    assert progress["complete"] and len(progress["done"]) == 3
+    assert read_record(out, Storage(s3_server.storage_options)).complete
+    assert len(recorded_units(out, s3_server.storage_options)[1]) == 3
+    assert "embedjob.progress" not in dataset.metadata  # nothing per unit in the manifest
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["rows_embedded"] == 80 and written["output"] == out
     assert written["padding_efficiency"] == pytest.approx(summary.padding_efficiency)

@@ -21,7 +21,7 @@ from embedjob.driver import calibrate, pipeline
 from embedjob.driver.run import run
 from embedjob.errors import ConfigError
 from embedjob.ops.refresh import refresh
-from tests.pipeline_helpers import l2, real_rows, to_table
+from tests.pipeline_helpers import interrupt, l2, real_rows, to_table
 
 pytestmark = pytest.mark.pipeline
 
@@ -137,11 +137,7 @@ def test_resume_and_refresh_keep_the_stamped_calibration(ray_session, golden_dir
     planted = _plant(config.output, -0.5, 0.5)
 
     # resume: pretend the run stopped after committing a.parquet only
-    dataset = lance.dataset(config.output)
-    progress = json.loads(dataset.metadata[S.PROGRESS_KEY])
-    progress["done"] = {u: fp for u, fp in progress["done"].items() if u.endswith("a.parquet")}
-    progress["complete"] = False
-    dataset.update_metadata({S.PROGRESS_KEY: json.dumps(progress)})
+    interrupt(config.output, keep=lambda unit: unit.endswith("a.parquet"))
     summary = run(config)
     assert summary.resumed_units_done == 1 and summary.rows_embedded == 12
     table = lance.dataset(config.output).to_table()

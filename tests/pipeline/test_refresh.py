@@ -14,6 +14,7 @@ import pytest
 from embedjob.config import EmbedConfig
 from embedjob.driver.run import run
 from embedjob.ops.refresh import refresh
+from embedjob.table.info import last_run_json
 from tests.pipeline_helpers import content_hash, real_rows, to_table, vectors_by_id
 
 pytestmark = pytest.mark.pipeline
@@ -73,7 +74,7 @@ def test_refresh_embeds_only_new_and_changed_rows_and_deletes_gone_ids(
     sub = vectors_by_id(table, "vector_16")
     assert np.abs(sub[5] - got[5][:16] / np.linalg.norm(got[5][:16])).max() < 1e-6
     dataset = lance.dataset(config.output)
-    assert json.loads(dataset.metadata["embedjob.last_run"])["rows_deleted"] == 3
+    assert json.loads(last_run_json(dataset))["rows_deleted"] == 3
     assert json.loads((tmp_path / "summary.json").read_text())["rows_changed"] == 3
     assert summary.table_version == dataset.version
 

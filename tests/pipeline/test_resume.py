@@ -26,7 +26,14 @@ from embedjob.config import EmbedConfig
 from embedjob.driver.run import run
 from tests.faults import hooks as faults
 from tests.faults.hooks import FaultyEncodeActor
-from tests.pipeline_helpers import real_rows, to_table, vectors_by_id, write_parts
+from tests.pipeline_helpers import (
+    interrupt,
+    real_rows,
+    recorded_units,
+    to_table,
+    vectors_by_id,
+    write_parts,
+)
 
 pytestmark = pytest.mark.pipeline
 FILES, ROWS_PER_FILE = 12, 8
@@ -46,12 +53,14 @@ def _write_corpus(s3_server, prefix: str) -> list[dict]:
 
 
 def _progress(uri: str, options: dict) -> dict | None:
+    """The output's progress record, read back from its transaction history."""
+    from embedjob.driver.progress import record_from_history
+
     try:
-        metadata = lance.dataset(uri, storage_options=options).metadata
+        record = record_from_history(lance.dataset(uri, storage_options=options))
     except (OSError, ValueError):
         return None
-    raw = metadata.get("embedjob.progress")
-    return json.loads(raw) if raw else None
+    return None if record is None else {"done": record.done, "complete": record.complete}
 
 
 def _command(s3_server, prefix: str, golden_dir, summary: Path) -> list[str]:
@@ -163,7 +172,6 @@ def _kill_an_encode_actor(killed: threading.Event) -> None:
 def test_rerun_of_an_interrupted_run_whose_input_changed_is_refused(
     ray_session, golden_dir, tmp_path
 ):
-    from embedjob.driver.progress import PROGRESS_KEY, ProgressRecord
     from embedjob.errors import InputError
 
     corpus = tmp_path / "corpus"
@@ -171,11 +179,8 @@ def test_rerun_of_an_interrupted_run_whose_input_changed_is_refused(
     config = EmbedConfig(input=str(corpus), format="parquet", output=str(tmp_path / "o.lance"),
                          model=str(golden_dir))
     run(config)
-    dataset = lance.dataset(config.output)
-    record = ProgressRecord.from_metadata(dataset.metadata)
-    # as if the run had died after its last commit, before marking itself complete
-    dataset.update_metadata({PROGRESS_KEY: ProgressRecord(
-        run_key=record.run_key, done=record.done, complete=False).to_json()})
+    # as if the run had died after its last data commit, before marking itself complete
+    interrupt(config.output, keep=lambda unit: True)
     pq.write_table(to_table(real_rows(6, offset=100)), corpus / "p0.parquet")
     with pytest.raises(InputError, match=r"input changed since the interrupted run .*p0.parquet"):
         run(config)
@@ -184,7 +189,6 @@ def test_rerun_of_an_interrupted_run_whose_input_changed_is_refused(
 def test_resume_redoes_only_the_unfinished_byte_ranges_of_a_file(
     ray_session, golden_dir, embedder, tmp_path
 ):
-    from embedjob.driver.progress import PROGRESS_KEY, ProgressRecord
     from embedjob.stages.read import split_unit
 
     rows = real_rows(96)
@@ -196,18 +200,15 @@ def test_resume_redoes_only_the_unfinished_byte_ranges_of_a_file(
                          model=str(golden_dir), read_unit_bytes=path.stat().st_size // 6,
                          window_rows=8, write_batch_rows=16)
     first = run(config)
-    dataset = lance.dataset(config.output)
-    record = ProgressRecord.from_metadata(dataset.metadata)
-    units = sorted(record.done, key=lambda u: split_unit(u)[1])
+    _, done, ranges = recorded_units(config.output)
+    units = sorted(done, key=lambda u: split_unit(u)[1])
     assert len(units) >= 6 and all("#bytes=" in u for u in units)
     assert first.rows_read == 96
     # as if the run had died with only the first half of its units done
     kept = units[: len(units) // 2]
-    dataset.update_metadata({PROGRESS_KEY: ProgressRecord(
-        run_key=record.run_key, done={u: record.done[u] for u in kept},
-        ranges={u: record.ranges[u] for u in kept}, complete=False).to_json()})
+    interrupt(config.output, keep=lambda unit: unit in kept)
     second = run(config)
-    redone = 96 - sum(hi - lo for lo, hi in (record.ranges[u] for u in kept))
+    redone = 96 - sum(hi - lo for lo, hi in (ranges[u] for u in kept))
     assert second.rows_read == redone < 96
     table = lance.dataset(config.output).to_table()
     valid = [r for r in rows if r["text"].strip()]
