@@ -3,16 +3,16 @@ every preflight check and prints the plan without loading a model or writing any
 
 from __future__ import annotations
 
-import json
-
 import lance
 import numpy as np
 import pytest
 
 from embedjob import cli
 from embedjob.config import EmbedConfig
+from embedjob.driver.progress import read_record
 from embedjob.driver.run import run
-from tests.pipeline_helpers import vectors_by_id, write_parts
+from embedjob.storage import Storage
+from tests.pipeline_helpers import recorded_units, vectors_by_id, write_parts
 
 pytestmark = pytest.mark.pipeline
 
@@ -28,8 +28,8 @@ def test_limit_embeds_the_first_rows_across_files(tmp_path, ray_session, golden_
     assert summary.rows_read == summary.rows_embedded == 8
     stamp = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
     assert stamp["embedjob.limit"] == "8"
-    progress = json.loads(lance.dataset(str(out)).metadata["embedjob.progress"])
-    assert progress["complete"] is True and len(progress["done"]) == 2  # both units finished
+    assert read_record(str(out), Storage()).complete
+    assert len(recorded_units(str(out))[1]) == 2  # both units finished
     got = vectors_by_id(table)
     for row in (rows[0], rows[7]):
         expected = embedder.encode([row["text"]], task="retrieval.passage")[0]
