@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import lance
@@ -95,6 +96,7 @@ class Committer:
     tracker: ray.actor.ActorHandle
     run_key: str
     first: bool = True  # the next output commit is this run's first (not a resume's)
+    fence: Callable[[], None] | None = None  # Lease.check: raises when the lease is lost
     counts: Counts = field(default_factory=Counts)
     started: float = field(default_factory=time.monotonic)
     last_commit: float = field(default_factory=time.monotonic)
@@ -119,6 +121,8 @@ class Committer:
             last_run: The run summary (JSON): this is the run's last commit, which marks
                 it complete.
         """
+        if self.fence is not None:  # nothing of this commit is written past a lost lease
+            self.fence()
         # Rejected rows first: a reader of the output never sees rows whose rejected
         # siblings are not yet visible.
         self.rejected.commit(force=create)

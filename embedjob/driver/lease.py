@@ -5,10 +5,18 @@ renews it from a background thread every third of its time-to-live, so only a cr
 lease goes stale, and then only for ``lease_ttl_s``. A second run on the same output is
 refused while the lease is live, with a message saying who holds it and until when.
 
-Object stores have no portable compare-and-swap, so acquisition is write-then-read-back:
-two runs that start within the same instant can both write, but only the last writer reads
-its own lease back; the other is refused. Lance's own commit protocol stays the last line
-of defence: commits conflicting with other writers are detected and retried by Lance.
+The lease is a fence: before every commit the run calls :meth:`Lease.check`, which stops it
+(``LeaseLostError``, before anything of that commit is written) when its renewals have failed
+for a whole lifetime (another run may have taken the output since) or when the lease file
+names another owner. A run that cannot renew therefore never commits after its lease could
+have expired.
+
+Acquisition is write-then-read-back (object stores have no portable compare-and-swap; S3's
+conditional ``If-None-Match`` / ``If-Match`` writes are not used yet, see README "One writer
+at a time"): two runs that start within the same instant can both write, but only the last
+writer reads its own lease back; the other is refused, and the first check of the loser
+stops it. Lance's own commit protocol stays the last line of defence: commits conflicting
+with other writers are detected and retried by Lance.
 """
 
 from __future__ import annotations
@@ -37,6 +45,10 @@ class OutputLockedError(StorageError):
     """Another live run holds the output's lease."""
 
 
+class LeaseLostError(StorageError):
+    """This run no longer holds the output's lease: it stops before its next commit."""
+
+
 def lease_uri(output: str) -> str:
     return S.sibling_uri(output, "lease")
 
@@ -50,6 +62,7 @@ class Lease:
     storage: Storage
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _renewed: float = 0.0  # time.monotonic() of the last write of the lease that succeeded
 
     def __enter__(self) -> Lease:
         held = retry_transient(self._read, what=f"reading the lease of {self.output}")
@@ -60,6 +73,7 @@ class Lease:
         held = retry_transient(self._read, what=f"reading the lease of {self.output}")
         if not held or held["owner"] != self.owner:
             raise OutputLockedError(_held_message(self.output, held or {}))
+        self._renewed = time.monotonic()
         threading.Thread(target=self._renew, daemon=True, name="lease-renewal").start()
         return self
 
@@ -72,11 +86,36 @@ class Lease:
         if held and held["owner"] == self.owner:
             self._fs().delete_file(self._path())
 
+    def check(self) -> None:
+        """The fence, called before every commit.
+
+        Raises:
+            LeaseLostError: renewals failed for a whole lifetime, or the lease file names
+                another owner (one read of it).
+        """
+        stale = time.monotonic() - self._renewed
+        if stale >= self.ttl_s:
+            raise LeaseLostError(
+                f"the lease on {self.output!r} could not be renewed for {stale:.0f} s (its "
+                f"lifetime is {self.ttl_s:g} s), so another run may hold the output now: "
+                "stopping before the next commit; rerun to resume from the last commit")
+        try:
+            held = self._read()
+        except OSError as exc:  # unreadable now: the renewal clock above still bounds us
+            logger.warning("could not read the lease on %s before a commit: %s",
+                           self.output, exc)
+            return
+        if held is None or held.get("owner") != self.owner:
+            raise LeaseLostError(
+                f"the lease on {self.output!r} is no longer this run's "
+                f"(owner {(held or {}).get('owner')}): stopping before the next commit")
+
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
                 self._write()
-            except OSError as exc:  # the next renewal may succeed; the lease lasts ttl_s
+                self._renewed = time.monotonic()
+            except OSError as exc:  # the next renewal may succeed; check() fences commits
                 logger.warning("could not renew the lease on %s: %s", self.output, exc)
 
     def _write(self) -> None:

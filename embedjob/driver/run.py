@@ -104,8 +104,8 @@ def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=Non
         return None
     if lookup is not None:
         plan = replace(plan, tokenize=replace(plan.tokenize, lookup=lookup))
-    with Lease(output=config.output, ttl_s=config.lease_ttl_s, storage=plan.storage):
-        summary = _run(plan, started, registry, encoder or EncodeActor, calibration,
+    with Lease(output=config.output, ttl_s=config.lease_ttl_s, storage=plan.storage) as lease:
+        summary = _run(plan, started, registry, encoder or EncodeActor, calibration, lease,
                        reporter)
     if config.summary_json:
         write_json(config.summary_json, asdict(summary))
@@ -113,13 +113,14 @@ def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=Non
 
 
 def _run(plan: RunPlan, started: float, registry, encoder: type,
-         calibration: str | None, reporter: Reporter) -> Summary:
+         calibration: str | None, lease: Lease, reporter: Reporter) -> Summary:
     """The run proper, under the output's lease."""
     config = plan.config
     _init_ray(config, reporter.forward_worker_logs)
     plan = calibrate.settle(plan, calibration)
     registry = registry or new_registry()
     committer = _committer(plan, started)
+    committer.fence = lease.check
     seeded = _prepare_resume(plan, committer, registry) if plan.resumed else 0
     reporter.started(plan)
     if plan.units:

@@ -220,3 +220,95 @@ def test_resume_redoes_only_the_unfinished_byte_ranges_of_a_file(
     for r in valid[::11]:
         expected = embedder.encode([r["text"]], task="retrieval.passage")[0]
         assert np.abs(got[r["id"]] - expected).max() < 1e-5
+
+
+def test_a_run_whose_lease_renewals_fail_stops_before_its_next_commit(
+    ray_session, golden_dir, embedder, tmp_path, monkeypatch
+):
+    from embedjob.driver.commit import TableCommitter
+    from embedjob.driver.lease import Lease, LeaseLostError
+
+    rows = write_parts(tmp_path / "corpus", files=6, rows_per_file=8)
+    config = EmbedConfig(input=str(tmp_path / "corpus"), format="parquet",
+                         output=str(tmp_path / "o.lance"), model=str(golden_dir),
+                         window_rows=4, write_batch_rows=4, commit_interval_s=0.01,
+                         lease_ttl_s=1.5)
+    failing_since: list[float] = []
+    commits: list[float] = []
+    enter, commit = Lease.__enter__, TableCommitter.commit
+
+    def enter_then_lose_the_store(self):
+        held = enter(self)
+
+        def unreachable():
+            failing_since.append(time.monotonic())
+            raise OSError("AWS Error NETWORK_CONNECTION during PutObject")
+
+        self._write = unreachable  # every renewal from now on fails
+        return held
+
+    def timed_commit(self, **kwargs):
+        if self.uri == config.output and (self.pending or kwargs.get("properties")):
+            commits.append(time.monotonic())  # when the output commit starts
+        commit(self, **kwargs)
+
+    monkeypatch.setattr(Lease, "__enter__", enter_then_lose_the_store)
+    monkeypatch.setattr(TableCommitter, "commit", timed_commit)
+    with faults.injected(faults.ENCODE_DELAY_S, "0.3"), pytest.raises(
+            LeaseLostError, match="could not be renewed"):
+        run(config, encoder=FaultyEncodeActor)
+    monkeypatch.undo()
+    assert failing_since, "no renewal was attempted"
+    # no commit after the lease could have expired (acquired <= first failure - ttl / 3)
+    acquired = failing_since[0] - config.lease_ttl_s / 3
+    # (the slack: the fence is checked just before the rejected table's commit)
+    assert all(t < acquired + config.lease_ttl_s + 1.0 for t in commits)
+    summary = run(config)  # the rerun resumes from the last fenced commit
+    table = lance.dataset(config.output).to_table()
+    assert sorted(table.column("id").to_pylist()) == [r["id"] for r in rows]
+    assert summary.rows_read < len(rows) or not commits
+
+
+def test_sigkill_half_way_through_one_big_file_redoes_only_its_unfinished_units(
+    s3_server, s3_prefix, ray_session, golden_dir, embedder, tmp_path
+):
+    rows = real_rows(96)
+    rows[40] = {**rows[40], "text": ""}  # one rejected row mid-file
+    fs = s3_server.filesystem()
+    with fs.open(f"{s3_server.bucket}/{s3_prefix}/in/big.parquet", "wb") as handle:
+        pq.write_table(to_table(rows), handle, row_group_size=8)  # 12 row groups
+    size = fs.size(f"{s3_server.bucket}/{s3_prefix}/in/big.parquet")
+    out = s3_server.uri(s3_prefix, "out.lance")
+    env = os.environ | s3_server.env | {
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    summary = tmp_path / "summary.json"
+    command = _command(s3_server, s3_prefix, golden_dir, summary) + [
+        "--read-unit-bytes", str(size // 12 + 1)]
+    with faults.injected(faults.ENCODE_DELAY_S, "0.3"):
+        first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        deadline, progress = time.monotonic() + 180, None
+        while time.monotonic() < deadline and first.poll() is None:
+            progress = _progress(out, s3_server.storage_options)
+            if progress and len(progress["done"]) >= 5:  # about half of the units
+                break
+            time.sleep(0.1)
+        assert progress and progress["done"], "no commit recorded a finished unit in time"
+        assert first.poll() is None, "the first run ended before it could be killed"
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    _, done, ranges = recorded_units(out, s3_server.storage_options)
+    assert 0 < len(done) < 12 and all("#bytes=" in u for u in done)
+    lease = json.loads(fs.cat(f"{s3_server.bucket}/{s3_prefix}/out.lease.json"))
+    time.sleep(max(0.0, lease["expires_at"] - time.time()) + 0.5)
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    result = json.loads(summary.read_text())
+    # re-read: exactly the rows of the units not recorded done at the kill (those in flight
+    # and those finished after the last commit), never a finished unit's
+    assert result["rows_read"] == 96 - sum(hi - lo for lo, hi in ranges.values()) < 96
+    table = lance.dataset(out, storage_options=s3_server.storage_options).to_table()
+    assert sorted(table.column("id").to_pylist()) == [r["id"] for r in rows if r["text"]]
+    rejected = lance.dataset(s3_server.uri(s3_prefix, "out.rejected.lance"),
+                             storage_options=s3_server.storage_options).to_table()
+    assert rejected.column("row").to_pylist() == [40]
