@@ -91,7 +91,9 @@ def _kind(hint: Any) -> tuple[type, list | None]:
     """(python type the flag parses to, allowed values) from a field's type hint."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return _kind(next(a for a in typing.get_args(hint) if a is not type(None)))
+        kinds = [a for a in typing.get_args(hint) if a is not type(None)]
+        # several value types (``int | str``): the flag takes text, __post_init__ parses it
+        return _kind(kinds[0]) if len(kinds) == 1 else (str, None)
     if origin is typing.Literal:
         values = list(typing.get_args(hint))
         return type(values[0]), values

@@ -115,8 +115,12 @@ class EmbedConfig:
         None, commands=RUNS,
         help="what one more forward costs, in tokens, when batches are cut (stages.batching); "
              "default 0 on CPU actors, max-tokens-per-batch/16 on GPU actors (launch overhead)")
-    num_actors: int = knob(1, commands=ALL,
-                           help="encode actors (one per GPU, or CPU actors with 0 GPUs)")
+    num_actors: int | str = knob(
+        1, commands=ALL, metavar="N|MIN:MAX",
+        help="encode actors (one per GPU, or CPU actors with 0 GPUs): N for a fixed pool, "
+             "MIN:MAX for a pool Ray Data grows from MIN to MAX while the actors are busy "
+             "(and shrinks when they idle); on an autoscaling cluster the pending actors "
+             "bring up GPU nodes")
     gpus_per_actor: float = knob(0.0, commands=RUNS,
                                  help="GPUs per encode actor, fractional allowed; 0 = CPU actors")
     cpus_per_actor: float = knob(
@@ -219,7 +223,8 @@ class EmbedConfig:
         _require(self.mode in MODES, "mode", self.mode, MODES)
         _require(self.vector_dtype in VECTOR_DTYPES, "vector_dtype", self.vector_dtype,
                  VECTOR_DTYPES)
-        for name in ("max_tokens_per_batch", "window_rows", "num_actors", "tokenize_batch_rows",
+        object.__setattr__(self, "num_actors", _actor_count(self.num_actors))
+        for name in ("max_tokens_per_batch", "window_rows", "tokenize_batch_rows",
                      "write_batch_rows", "read_memory_bytes", "actor_prefetch",
                      "read_unit_bytes"):
             value = getattr(self, name)
@@ -293,6 +298,19 @@ class EmbedConfig:
         if self.batch_overhead_tokens is not None:
             return self.batch_overhead_tokens
         return default_overhead_tokens(self.max_tokens_per_batch, self.gpus_per_actor > 0)
+
+    @property
+    def actor_range(self) -> tuple[int, int]:
+        """(MIN, MAX) encode actors; MIN == MAX for a fixed pool."""
+        if isinstance(self.num_actors, int):
+            return self.num_actors, self.num_actors
+        low, high = self.num_actors.split(":")
+        return int(low), int(high)
+
+    @property
+    def max_actors(self) -> int:
+        """The most encode actors the run may hold at once."""
+        return self.actor_range[1]
 
     @property
     def rejected_uri(self) -> str:
@@ -409,6 +427,23 @@ def _parse_quantize(entry: str) -> tuple[int | None, str]:
             f"--quantize {entry!r} is not allowed; expected one of {list(S.QUANT_DTYPES)}, for "
             "every stored dim or per dim as D:TYPE (e.g. 1024:binary,256:int8)")
     return (int(dim) if dim else None), form
+
+
+def _actor_count(value: Any) -> int | str:
+    """``num_actors`` normalized: an int N (fixed pool) or ``"MIN:MAX"`` with 1 <= MIN < MAX
+    (``"4"`` and ``"4:4"`` become 4).
+
+    Raises:
+        ConfigError: naming the flag and the two allowed forms.
+    """
+    text = str(value).strip() if not isinstance(value, bool) else ""
+    parts = text.split(":")
+    if len(parts) in (1, 2) and all(p.strip().isdigit() for p in parts):
+        low, high = int(parts[0]), int(parts[-1])
+        if 1 <= low <= high:
+            return low if low == high else f"{low}:{high}"
+    raise ConfigError(f"--num-actors {value!r} is not allowed; expected N (an integer >= 1) "
+                      "or MIN:MAX (integers, 1 <= MIN <= MAX), e.g. 4 or 2:8")
 
 
 def _is_int(value: Any) -> bool:

@@ -33,6 +33,7 @@ def build(plan: RunPlan, *, registry: ray.actor.ActorHandle, tracker: ray.actor.
         encoder: The encode stage's ``map_batches`` class (tests wrap ``EncodeActor``).
     """
     cfg, cpu = plan.config, plan.config.cpus_per_task
+    min_actors, max_actors = cfg.actor_range
     units = ray.data.from_items([{"unit": u} for u in plan.units],
                                 override_num_blocks=len(plan.units))
     rows = units.map_batches(
@@ -56,9 +57,11 @@ def build(plan: RunPlan, *, registry: ray.actor.ActorHandle, tracker: ray.actor.
         encoder, fn_constructor_kwargs={"spec": plan.encode, "registry": registry},
         batch_size=None, batch_format=ARROW,
         # Ray Data restarts a dead actor and retries its calls (its defaults: max_restarts
-        # and max_task_retries -1); rows are keyed, so a retry never duplicates one
+        # and max_task_retries -1); rows are keyed, so a retry never duplicates one.
+        # MIN < MAX: Ray Data adds actors while the pool is busy, removes idle ones
         compute=ray.data.ActorPoolStrategy(
-            size=cfg.num_actors, max_tasks_in_flight_per_actor=cfg.actor_prefetch),
+            min_size=min_actors, max_size=max_actors,
+            max_tasks_in_flight_per_actor=cfg.actor_prefetch),
         num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor,
     )
     return vectors.map_batches(

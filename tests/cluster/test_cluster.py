@@ -281,13 +281,13 @@ def test_rayjob_entrypoint_parses_with_the_real_cli_and_fits_the_gpu_group(monke
     assert main(argv[1:]) == 0
     (cfg,) = seen
     assert cfg.input.startswith("s3://") and cfg.output.startswith("s3://")
-    assert (cfg.num_actors, cfg.gpus_per_actor, cfg.cpus_per_actor) == (8, 1.0, 4.0)
+    assert (cfg.actor_range, cfg.gpus_per_actor, cfg.cpus_per_actor) == ((2, 8), 1.0, 4.0)
     assert cfg.vector_dtype == "float16" and tuple(cfg.dims) == (1024, 256, 64)
     group = _worker_group(_one("RayJob")["spec"]["rayClusterSpec"])
     (container,) = group["template"]["spec"]["containers"]
     limits = container["resources"]["limits"]
     gpus = group["maxReplicas"] * int(limits["nvidia.com/gpu"])
-    assert cfg.num_actors * cfg.gpus_per_actor <= gpus
+    assert cfg.max_actors * cfg.gpus_per_actor <= gpus
     assert cfg.cpus_per_actor < _quantity(limits["cpu"])  # CPUs left for read/tokenize/write
 
 
@@ -312,6 +312,49 @@ def test_clusters_keep_work_off_the_head_and_autoscale_gpu_workers():
         assert int(pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1, name
         assert pod["nodeSelector"] and pod["tolerations"], name
     assert _one("RayCluster")["spec"]["workerGroupSpecs"][0]["replicas"] == 0  # idle at 0 GPUs
+
+
+def _embedjob_args(script: str) -> list[str]:
+    """The ``embedjob`` command line inside a shell script or entrypoint."""
+    words = shlex.split(script.replace("\\\n", " "))
+    start = words.index("embedjob")
+    end = next((i for i in range(start, len(words)) if words[i] in (";", "fi", "then")),
+               len(words))
+    return words[start:end]
+
+
+def _actor_range(argv: list[str]) -> tuple[int, int]:
+    from embedjob.config import EmbedConfig
+
+    value = argv[argv.index("--num-actors") + 1]
+    return EmbedConfig(input="i.parquet", output="o.lance", num_actors=value).actor_range
+
+
+@pytest.mark.unit
+def test_gpu_worker_groups_autoscale_over_the_encode_pool_range():
+    """``--num-actors MIN:MAX`` (Ray Data's ActorPoolStrategy(min_size, max_size)) and the GPU
+    worker group agree: MAX actors fit in maxReplicas pods, the RayJob starts with the pods MIN
+    actors need, and the in-tree autoscaler adds the rest as the pool grows."""
+    cron = _one("CronJob")
+    (_, container), = _containers(cron)
+    jobs = {
+        "RayJob": (_embedjob_args(_one("RayJob")["spec"]["entrypoint"]),
+                   _one("RayJob")["spec"]["rayClusterSpec"]),
+        "CronJob": (_embedjob_args(container["args"][-1]), _one("RayCluster")["spec"]),
+    }
+    for name, (argv, spec) in jobs.items():
+        low, high = _actor_range(argv)
+        assert low < high, f"{name}: --num-actors {low}:{high} does not autoscale"
+        gpus = float(argv[argv.index("--gpus-per-actor") + 1])
+        assert spec["enableInTreeAutoscaling"] is True, name
+        group = _worker_group(spec)
+        per_pod = int(group["template"]["spec"]["containers"][0]["resources"]["limits"][
+            "nvidia.com/gpu"])
+        assert group["maxReplicas"] * per_pod == high * gpus, f"{name}: maxReplicas != MAX"
+        assert group["minReplicas"] == 0, f"{name}: idle GPU pods are given back"
+        if name == "RayJob":  # a one-off starts with MIN actors' pods
+            assert group["replicas"] * per_pod == low * gpus, f"{name}: replicas != MIN"
+        assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0, name
 
 
 @pytest.mark.unit

@@ -35,6 +35,36 @@ def test_bad_values_name_value_and_allowed(key, value, message):
         EmbedConfig.from_mapping({"input": "a.parquet", "output": "o.lance", key: value})
 
 
+@pytest.mark.parametrize(("value", "normalized", "actor_range"), [
+    (4, 4, (4, 4)), ("4", 4, (4, 4)), ("2:8", "2:8", (2, 8)), (" 1:3 ", "1:3", (1, 3)),
+    ("4:4", 4, (4, 4)),
+])
+def test_num_actors_is_a_count_or_a_min_max_range(value, normalized, actor_range):
+    cfg = EmbedConfig(input="a.parquet", output="o.lance", num_actors=value)
+    assert (cfg.num_actors, cfg.actor_range, cfg.max_actors) == (
+        normalized, actor_range, actor_range[1])
+
+
+@pytest.mark.parametrize("value", [0, "0", "0:4", "8:2", "2:", ":8", "a", "1:2:3", "2.5",
+                                   -1, True, ""])
+def test_bad_num_actors_names_both_forms(value):
+    with pytest.raises(ConfigError, match=r"^--num-actors .* is not allowed; expected N \(an "
+                                          r"integer >= 1\) or MIN:MAX .* e\.g\. 4 or 2:8$"):
+        EmbedConfig(input="a.parquet", output="o.lance", num_actors=value)
+
+
+def test_num_actors_range_from_the_cli_and_yaml(tmp_path):
+    import argparse
+
+    path = tmp_path / "job.yaml"
+    path.write_text("input: in.jsonl\noutput: out.lance\nnum-actors: '2:8'\n")
+    cfg = embed_config(argparse.Namespace(command="embed", yaml_config=str(path)))
+    assert cfg.actor_range == (2, 8)
+    cfg = embed_config(argparse.Namespace(command="embed", yaml_config=str(path),
+                                          num_actors="3"))
+    assert cfg.num_actors == 3
+
+
 def test_yaml_config_and_flags_merge(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(
