@@ -40,7 +40,7 @@ ENV_KEYS: dict[str, str] = {
 SECRET_KEYS = frozenset({"aws_secret_access_key", "aws_session_token", "aws_access_key_id"})
 # Request-level retries, configured in each client (they retry throttling, 5xx and dropped
 # connections themselves; the project's own backoff only covers what a client cannot:
-# restarting a read after its last row, the lease, metadata commits).
+# restarting a read unit after its last row, the lease).
 PROBE_ATTEMPTS = 2  # the start-up reachability probe: fail fast on a wrong endpoint
 PROBE_CONNECT_TIMEOUT_S = 5.0
 CLIENT_RETRIES = 10  # attempts per request: ~1 min of AWS standard backoff (capped at 20 s)
