@@ -45,6 +45,10 @@ class OutputLockedError(StorageError):
     """Another live run holds the output's lease."""
 
 
+class PreconditionFailed(OSError):
+    """A conditional S3 write's precondition did not hold (HTTP 412)."""
+
+
 class LeaseLostError(StorageError):
     """This run no longer holds the output's lease: it stops before its next commit."""
 
@@ -63,11 +67,15 @@ class Lease:
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
     _stop: threading.Event = field(default_factory=threading.Event)
     _renewed: float = 0.0  # time.monotonic() of the last write of the lease that succeeded
+    _etag: str | None = None  # S3: the ETag of our last write (If-Match of the next one)
+    _lost: bool = False  # S3: a renewal's If-Match failed: another run wrote the lease
 
     def __enter__(self) -> Lease:
         held = retry_transient(self._read, what=f"reading the lease of {self.output}")
         if held and held["owner"] != self.owner and held["expires_at"] > time.time():
             raise OutputLockedError(_held_message(self.output, held))
+        if is_s3(self.output):  # conditional: exactly one of two racing runs wins
+            return self._acquire_s3(held)
         retry_transient(self._write, what=f"writing the lease of {self.output}")
         time.sleep(READ_BACK_DELAY_S)
         held = retry_transient(self._read, what=f"reading the lease of {self.output}")
@@ -76,6 +84,33 @@ class Lease:
         self._renewed = time.monotonic()
         threading.Thread(target=self._renew, daemon=True, name="lease-renewal").start()
         return self
+
+    def _acquire_s3(self, held: dict | None) -> Lease:
+        """``If-None-Match: *`` when no lease exists, else ``If-Match`` on the expired
+        lease's ETag: a run that raced us and wrote first makes our put fail (412)."""
+        try:
+            retry_transient(lambda: self._put(held.get("_etag") if held else None),
+                            what=f"writing the lease of {self.output}")
+        except PreconditionFailed as exc:
+            now = retry_transient(self._read_s3, what=f"reading the lease of {self.output}")
+            raise OutputLockedError(_held_message(self.output, now or {})) from exc
+        self._renewed = time.monotonic()
+        threading.Thread(target=self._renew, daemon=True, name="lease-renewal").start()
+        return self
+
+    def _put(self, if_match: str | None) -> None:
+        """One conditional PUT of the lease record (s3fs; 412 -> ``PreconditionFailed``)."""
+        bucket, key = self._path().split("/", 1)
+        condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+        try:
+            response = self.storage.fsspec(self.output).call_s3(
+                "put_object", Bucket=bucket, Key=key, Body=json.dumps(self._record()).encode(),
+                **condition)
+        except OSError as exc:
+            if "pre-conditions" in str(exc) or "PreconditionFailed" in str(exc):
+                raise PreconditionFailed(str(exc)) from exc
+            raise
+        self._etag = response["ETag"]
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
@@ -93,6 +128,10 @@ class Lease:
             LeaseLostError: renewals failed for a whole lifetime, or the lease file names
                 another owner (one read of it).
         """
+        if self._lost:
+            raise LeaseLostError(
+                f"the lease on {self.output!r} was rewritten by another run (a renewal's "
+                "If-Match failed): stopping before the next commit")
         stale = time.monotonic() - self._renewed
         if stale >= self.ttl_s:
             raise LeaseLostError(
@@ -113,20 +152,33 @@ class Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                self._write()
+                if is_s3(self.output):
+                    self._put(self._etag)
+                else:
+                    self._write()
                 self._renewed = time.monotonic()
+            except PreconditionFailed:
+                logger.error("the lease on %s was rewritten by another run: this run stops "
+                             "before its next commit", self.output)
+                self._lost = True
+                return
             except OSError as exc:  # the next renewal may succeed; check() fences commits
                 logger.warning("could not renew the lease on %s: %s", self.output, exc)
 
     def _write(self) -> None:
         if not is_s3(self.output):
             self._fs().create_dir(os.path.dirname(self._path()), recursive=True)
-        record = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                  "expires_at": time.time() + self.ttl_s}
         with self._fs().open_output_stream(self._path()) as out:
-            out.write(json.dumps(record).encode())
+            out.write(json.dumps(self._record()).encode())
+
+    def _record(self) -> dict:
+        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                "expires_at": time.time() + self.ttl_s}
 
     def _read(self) -> dict | None:
+        """The lease record (on S3 with its ``_etag``), or None when there is none."""
+        if is_s3(self.output):
+            return self._read_s3()
         try:
             with self._fs().open_input_stream(self._path()) as handle:
                 return json.loads(handle.read())
@@ -138,6 +190,21 @@ class Lease:
             if self._fs().get_file_info(self._path()).type == pafs.FileType.NotFound:
                 return None
             raise
+
+    def _read_s3(self) -> dict | None:
+        # the ETag first: if the lease changes before the body is read, our If-Match on
+        # the older ETag fails and we are refused (the safe side)
+        fs, path = self.storage.fsspec(self.output), self._path()
+        fs.invalidate_cache(path)
+        try:
+            etag = fs.info(path)["ETag"]
+            raw = fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(raw) | {"_etag": etag}
+        except ValueError as exc:  # a torn or foreign file: not ours to interpret
+            raise StorageError(f"cannot parse the lease of {self.output!r}: {exc}") from exc
 
     def _fs(self) -> pafs.FileSystem:
         return self.storage.pyarrow_fs(self.output)

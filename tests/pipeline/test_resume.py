@@ -312,3 +312,29 @@ def test_sigkill_half_way_through_one_big_file_redoes_only_its_unfinished_units(
     rejected = lance.dataset(s3_server.uri(s3_prefix, "out.rejected.lance"),
                              storage_options=s3_server.storage_options).to_table()
     assert rejected.column("row").to_pylist() == [40]
+
+
+def test_on_s3_two_racing_runs_cannot_both_acquire_and_a_rewritten_lease_fences(
+    s3_server, s3_prefix
+):
+    """Conditional writes on the test server: If-None-Match refuses the run that wrote
+    second; a renewal's If-Match fails once another run rewrote the lease."""
+    from embedjob.driver.lease import Lease, LeaseLostError, OutputLockedError
+    from embedjob.storage import Storage
+
+    storage = Storage(s3_server.storage_options)
+    output = s3_server.uri(s3_prefix, "out.lance")
+    first = Lease(output=output, ttl_s=0.9, storage=storage)
+    late = Lease(output=output, ttl_s=30, storage=storage)
+    late._read = lambda: None  # it read "no lease" just before the first run wrote one
+    with first:
+        with pytest.raises(OutputLockedError, match=first.owner):
+            late.__enter__()
+        key = f"{s3_server.bucket}/{s3_prefix}/out.lease.json"
+        fs = s3_server.filesystem()
+        held = json.loads(fs.cat(key))
+        fs.pipe(key, json.dumps(held | {"owner": "intruder"}).encode())
+        time.sleep(0.6)  # a renewal (every 0.3 s) meets the intruder's ETag
+        with pytest.raises(LeaseLostError, match="rewritten by another run"):
+            first.check()
+        fs.pipe(key, json.dumps(held).encode())

@@ -74,3 +74,4 @@ def test_the_fence_stops_a_run_whose_lease_another_run_took(tmp_path):
         with pytest.raises(LeaseLostError, match=r"no longer this run's \(owner intruder\)"):
             lease.check()
         Path(lease_uri(output)).write_text(json.dumps(held))
+
