@@ -114,7 +114,8 @@ class SizingReport:
     token_percentiles: dict[str, int]
     mean_tokens: float
     estimated_tokens: int
-    bytes_per_column: dict[str, int]
+    bytes_per_column: dict[str, int]  # "column (dtype)" -> rows x bytes per row
+    bytes_per_row: dict[str, int]  # the same keys -> bytes one row of the column takes
     tokens_per_s: float | None
     tokens_per_s_source: str
     gpu_hours: float | None
@@ -136,8 +137,8 @@ class SizingReport:
                                                self.token_percentiles.items())
                + f", mean {self.mean_tokens:.1f} (of the sample)",
                f"estimated tokens: ~{self.estimated_tokens:,}"]
-        out += [f"output {name}: {approx}{_human(size)}" for name, size in
-                self.bytes_per_column.items()]
+        out += [f"output {name}: {approx}{_human(size)} ({self.bytes_per_row[name]} B/row)"
+                for name, size in self.bytes_per_column.items()]
         if self.gpu_hours is not None:
             out.append(f"at {self.tokens_per_s:,.0f} tokens/s ({self.tokens_per_s_source}): "
                        f"~{self.gpu_hours:,.2f} GPU-hours")
@@ -181,6 +182,7 @@ def size_job(config: EmbedConfig, *, sample_rows: int = 20000,
 
         raise InputError(f"--input {config.input!r} matched no {fmt} files")
     spec, task, dims = model_plan(config, storage)
+    layout = _vector_layout(config, dims)
     read_spec, _ = read_spec_for(config, fmt, inputs, storage)
     units = [i.uri for i in inputs]
     texts, sampled_units = _sample_texts(units[:SAMPLE_FILES], read_spec, sample_rows)
@@ -191,16 +193,14 @@ def size_job(config: EmbedConfig, *, sample_rows: int = 20000,
     over = int(np.asarray(tokenized.truncated).sum()) if len(texts) else 0
     tokenizer_speed = float(lengths.sum()) / max(time.perf_counter() - started, 1e-9)
     rows, exact = _estimate_rows(inputs, sampled_units, len(texts), read_spec)
-    width = 2 if config.vector_dtype == "float16" else 4
-    columns = {"vector": dims[0]} | {f"vector_{d}": d for d in dims[1:]}
     speed, source = _throughput(tokens_per_s)
     total_tokens = int(lengths.mean() * rows)
     return SizingReport(
         files=len(units), sampled_rows=len(texts), estimated_rows=rows, rows_exact=exact,
         token_percentiles={str(p): int(np.percentile(lengths, p)) for p in PERCENTILES},
         mean_tokens=float(lengths.mean()), estimated_tokens=total_tokens,
-        bytes_per_column={f"{n} ({config.vector_dtype})": rows * d * width
-                          for n, d in columns.items()},
+        bytes_per_column={f"{c.name} ({c.dtype})": rows * c.bytes_per_row for c in layout},
+        bytes_per_row={f"{c.name} ({c.dtype})": c.bytes_per_row for c in layout},
         tokens_per_s=speed, tokens_per_s_source=source,
         gpu_hours=total_tokens / speed / 3600 if speed else None,
         tokenizer_tokens_per_s=tokenizer_speed, num_actors=config.max_actors,
@@ -211,6 +211,19 @@ def size_job(config: EmbedConfig, *, sample_rows: int = 20000,
             total_tokens, gpu, gpus, measured=tokens_per_s,
             measured_source="--tokens-per-s", price=price),
     )
+
+
+def _vector_layout(config: EmbedConfig, dims: tuple[int, ...]) -> list:
+    """The vector columns a run of ``config`` writes (floats and ``--quantize`` forms)."""
+    import pyarrow as pa
+
+    from embedjob import schema as S
+    from embedjob.driver.preflight import quantize_plan
+
+    quantize, float_dims = quantize_plan(config, dims)
+    schema = S.output_schema(pa.string(), dims[0], dims, config.vector_dtype, [], {},
+                             quantize, float_dims)
+    return list(S.vector_layout(schema).values())
 
 
 def tokenize_tasks(num_actors: int, encoder_tokens_per_s: float | None,

@@ -32,7 +32,9 @@ class TableInfo:
         stamp: The ``embedjob.*`` schema metadata (prefix stripped).
         vector_columns: Vector column -> dim.
         column_bytes: Column -> bytes on disk.
-        bytes_per_row: Vector column -> bytes one row of it takes (dim x element size).
+        bytes_per_row: Vector column (float and quantized) -> bytes one row of it takes
+            (dim x element size; binary: dim / 8).
+        vector_dtypes: Vector column -> float32, float16, int8 or binary.
         indices: Index name -> ``{"type", "columns"}``.
         rejected_uri: The rejected table next to it.
         rejected_rows: Rows in the rejected table; None when there is none.
@@ -48,6 +50,7 @@ class TableInfo:
     vector_columns: dict[str, int]
     column_bytes: dict[str, int]
     bytes_per_row: dict[str, int]
+    vector_dtypes: dict[str, str]
     indices: dict[str, dict[str, Any]]
     rejected_uri: str
     rejected_rows: int | None
@@ -72,13 +75,14 @@ def table_info(uri: str, storage: Storage | None = None,
     stamp = {k.removeprefix(S.STAMP_PREFIX): v for k, v in S.schema_metadata(schema).items()
              if k.startswith(S.STAMP_PREFIX)}
     vectors = vector_columns(schema)
-    width = 2 if stamp.get("vector_dtype") == "float16" else 4
+    layout = S.vector_layout(schema)
     rejected = rejected_uri or S.sibling_uri(uri, "rejected")
     return TableInfo(
         uri=uri, rows=dataset.count_rows(), version=dataset.version,
         versions=len(dataset.versions()), fragments=len(dataset.get_fragments()), stamp=stamp,
         vector_columns=vectors, column_bytes=_column_bytes(dataset),
-        bytes_per_row={c: d * width for c, d in vectors.items()},
+        bytes_per_row={c: v.bytes_per_row for c, v in layout.items()},
+        vector_dtypes={c: v.dtype for c, v in layout.items()},
         indices=_indices(dataset), rejected_uri=rejected,
         rejected_rows=_rejected_rows(rejected, storage),
         last_run=_last_run(dataset),
@@ -147,8 +151,12 @@ def format_info(info: TableInfo) -> str:
         "columns    bytes on disk" + ("" if info.rows else " (empty table)"),
     ]
     for name, size in info.column_bytes.items():
-        per_row = f", {info.bytes_per_row[name]} B/row" if name in info.bytes_per_row else ""
-        lines.append(f"  {name:<14} {size:>14,d}{per_row}")
+        per_row = ""
+        if name in info.bytes_per_row:  # on disk, then what the rows hold raw
+            raw = info.bytes_per_row[name] * info.rows
+            per_row = (f", {info.bytes_per_row[name]} B/row {info.vector_dtypes[name]}, "
+                       f"{raw:,d} raw")
+        lines.append(f"  {name:<18} {size:>14,d}{per_row}")
     for name, index in info.indices.items():
         lines.append(f"index      {name}: {index['type']} on {index['columns']}")
     lines.append("last run   " + (json.dumps(info.last_run) if info.last_run else "(not stored)"))

@@ -21,6 +21,7 @@ from embedjob.driver import calibrate, pipeline
 from embedjob.driver.run import run
 from embedjob.errors import ConfigError
 from embedjob.ops.refresh import refresh
+from embedjob.table.info import format_info, table_info
 from tests.pipeline_helpers import interrupt, l2, real_rows, to_table
 
 pytestmark = pytest.mark.pipeline
@@ -120,6 +121,14 @@ def test_quantized_columns_equal_sign_bits_and_the_stamped_int8_formula(ray_sess
         np.testing.assert_allclose(r["lo"], floats.min(0), atol=1e-5)
         np.testing.assert_allclose(r["hi"], floats.max(0), atol=1e-5)
     _check_columns(table, record)
+    # info: bytes per row and dtype of every vector column, the raw total beside the on-disk
+    info = table_info(config.output)
+    assert info.bytes_per_row == {"vector": 256, "vector_64_int8": 64, "vector_64_bin": 8,
+                                  "vector_32_int8": 32, "vector_32_bin": 4, "vector_16": 64,
+                                  "vector_16_int8": 16, "vector_16_bin": 2}
+    assert info.vector_dtypes["vector_32_bin"] == "binary"
+    assert info.vector_dtypes["vector_16_int8"] == "int8"
+    assert ", 4 B/row binary, 120 raw" in format_info(info)
     # the per-dim extremes hit both ends of the int8 range
     codes = _matrix(table, "vector_64_int8")
     assert (codes.min(0) <= -127).all() and (codes.max(0) >= 126).all()

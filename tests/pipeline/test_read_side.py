@@ -249,17 +249,50 @@ def test_eval_lee_every_column_equals_direct_computation(tmp_path, golden_dir, r
                                  work_dir=str(tmp_path / "work")), embedder=embedder)
     result = report["datasets"]["lee"]
     assert result["task"] == "text-matching" and result["query_task"] == "text-matching"
-    assert list(result["columns"]) == ["vector_8", "vector_16", "vector_32", "vector"]
+    # every dim x dtype: float, int8 and binary (the default --quantize), cheapest last
+    assert list(result["columns"]) == [
+        name for d in (8, 16, 32, 64)
+        for name in (("vector" if d == 64 else f"vector_{d}"), f"vector_{d}_int8",
+                     f"vector_{d}_bin")]
     docs = pq.read_table("embedjob/data/eval/lee_docs.parquet").column("text").to_pylist()
     pairs = pq.read_table("embedjob/data/eval/lee_pairs.parquet")
     assert pairs.num_rows == 1225
     full = embedder.encode(docs, task="text-matching")
     a, b = pairs.column("a").to_numpy(), pairs.column("b").to_numpy()
+    table = lance.dataset(result["table"])
+    ranges = json.loads(table.schema.metadata[b"embedjob.int8_calibration"])["ranges"]
+    stored = table.to_table()
+    where = {i: n for n, i in enumerate(stored.column("id").to_pylist())}
+    rows = [where[str(i)] for i in pq.read_table("embedjob/data/eval/lee_docs.parquet")
+            .column("id").to_pylist()]  # the stored rows in file order
+
+    def codes(name):
+        return np.asarray(stored.column(name).to_pylist(), np.float64)[rows]
+
     for column, metrics in result["columns"].items():
-        v = l2(full[:, : metrics["dim"]])
-        want = np.corrcoef(np.einsum("ij,ij->i", v[a], v[b]), pairs.column("score"))[0, 1]
+        dim = metrics["dim"]
+        v = l2(full[:, :dim])
+        if metrics["dtype"] == "binary":  # the share of agreeing signs, rescaled
+            bits = codes(column).astype(np.uint8)
+            assert (bits != np.packbits(v > 0, axis=1)).mean() < 0.05
+            signs = np.unpackbits(bits, axis=1) * 2.0 - 1
+            similarity = np.einsum("ij,ij->i", signs[a], signs[b]) / dim
+            assert metrics["bytes_per_row"] == dim // 8
+        elif metrics["dtype"] == "int8":  # the stored codes' dot products
+            lo, hi = (np.array(ranges[str(dim)][k]) for k in ("lo", "hi"))
+            step = (hi - lo) / 255
+            expected = np.clip(np.rint((v.astype(np.float64) - lo) / step) - 128, -128, 127)
+            assert np.abs(codes(column) - expected).max() <= 1  # the actor's batch vs encode()
+            similarity = np.einsum("ij,ij->i", codes(column)[a], codes(column)[b])
+            assert metrics["bytes_per_row"] == dim
+        else:
+            similarity = np.einsum("ij,ij->i", v[a], v[b])
+            assert metrics["bytes_per_row"] == dim * 4
+        if np.ptp(similarity) == 0:  # 8 sign bits alike in every doc: undefined
+            assert metrics["pearson"] is None, column
+            continue
+        want = np.corrcoef(similarity, pairs.column("score"))[0, 1]
         assert metrics["pearson"] == pytest.approx(want, abs=1e-4), column
-        assert metrics["bytes_per_row"] == metrics["dim"] * 4
     assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == report
     png = (tmp_path / "eval" / "eval.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -81,3 +81,15 @@ def test_plan_estimates_time_and_cost_on_named_gpus_and_warns_of_long_rows(tmp_p
            "256-token limit" in lines[-1]
     assert cli.main([*args, "--gpu-price", "4-2"]) == 2
     assert "--gpu-price '4-2' is not allowed" in capsys.readouterr().err
+
+
+def test_plan_sizes_every_column_and_dtype_of_a_quantized_run(golden_dir, tmp_path):
+    pq.write_table(pq.read_table(SAMPLE).slice(0, 100), tmp_path / "a.parquet")
+    config = EmbedConfig(input=str(tmp_path), format="parquet", output="unused",
+                         model=str(golden_dir), dims=(64, 16), quantize="int8,16:binary",
+                         no_float_dims=(16,))
+    report = size_job(config, sample_rows=100, tokens_per_s=1000.0)
+    assert report.bytes_per_row == {"vector (float32)": 256, "vector_64_int8 (int8)": 64,
+                                    "vector_16_int8 (int8)": 16, "vector_16_bin (binary)": 2}
+    assert report.bytes_per_column == {k: 100 * v for k, v in report.bytes_per_row.items()}
+    assert "output vector_16_bin (binary): 200.0 B (2 B/row)" in report.lines()

@@ -5,7 +5,9 @@ the evaluation measures the table as ``embedjob embed`` writes it; queries are e
 ``table.search`` embeds them (the paired query task, truncated to each column's dim). Every
 vector column (``vector`` and each ``vector_<d>``) is scored exactly (a flat scan, as a
 search without an index), and the figures go to ``eval.json`` and ``eval.png`` (quality vs
-dim, bytes per row on a second axis).
+bytes per row, one point per column, the Pareto front marked). Quantized columns
+(``--quantize``, int8 and binary by default) are scored on their own and as the first stage
+of a two-stage search (see ``score_table``).
 
 Datasets (slices committed under ``embedjob/data/eval/``, from ``/work/shared/corpora``):
 
@@ -34,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedjob import schema as S
 from embedjob.config import as_tuple, knob
 from embedjob.errors import ConfigError
 from embedjob.table.eval.datasets import DATASETS, EvalSet, load_dataset
@@ -41,11 +44,10 @@ from embedjob.table.eval.metrics import (
     NDCG_K,
     RECALL_K,
     pearson,
-    rank_documents,
     retrieval_metrics,
 )
 from embedjob.table.eval.plot import headline, plot, primary_metric
-from embedjob.table.search import embed_queries, open_table, read_stamp, vector_columns
+from embedjob.table.search import embed_queries, open_table, quantize_query, read_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +68,14 @@ class EvalConfig:
                                  help="dims to store (default: every Matryoshka dim)")
     vector_dtype: Literal["float32", "float16"] = knob("float32", help="stored vector type")
     num_actors: int = knob(1, help="encode actors of the embed job")
+    quantize: tuple[str, ...] = knob(
+        ("int8", "binary"), metavar="[D:]TYPE,...",
+        help="quantized columns to store and score beside the floats (embed's --quantize); "
+             "each is also scored as the first stage of a two-stage search")
+    rescore_factor: int = knob(4, help="two-stage search: candidates per returned row")
 
     def __post_init__(self) -> None:
-        for name in ("datasets", "dims"):
+        for name in ("datasets", "dims", "quantize"):
             object.__setattr__(self, name, as_tuple(name, getattr(self, name)))
         unknown = [d for d in self.datasets if d not in DATASETS]
         if unknown or not self.datasets:
@@ -92,7 +99,7 @@ def evaluate(config: EvalConfig, embedder: Any = None) -> dict[str, Any]:
     for name in config.datasets:
         data = load_dataset(name)
         uri = embed_corpus(data, config, spec, os.path.join(work, name))
-        report["datasets"][name] = score_table(data, uri, embedder)
+        report["datasets"][name] = score_table(data, uri, embedder, config.rescore_factor)
         logger.info("eval %s: %s", name, headline(report["datasets"][name]))
     os.makedirs(config.output_dir, exist_ok=True)
     with open(os.path.join(config.output_dir, "eval.json"), "w", encoding="utf-8") as handle:
@@ -115,69 +122,154 @@ def embed_corpus(data: EvalSet, config: EvalConfig, spec: Any, work: str) -> str
     dims = config.dims or tuple(d for d in spec.matryoshka_dims if d != spec.hidden_size)
     run(EmbedConfig(input=corpus, output=output, model=config.model, task=task, dims=dims,
                     vector_dtype=config.vector_dtype, mode="overwrite",
-                    num_actors=config.num_actors))
+                    num_actors=config.num_actors, quantize=config.quantize))
     return output
 
 
-def score_table(data: EvalSet, uri: str, embedder: Any) -> dict[str, Any]:
-    """Metrics of every vector column of the table at ``uri`` for dataset ``data``."""
+def score_table(data: EvalSet, uri: str, embedder: Any,
+                rescore_factor: int = 4) -> dict[str, Any]:
+    """Metrics of every vector column (each dim x dtype) of the table at ``uri``.
+
+    Float columns rank by cosine. Quantized columns rank by their own similarity (binary:
+    ``1 - 2 x hamming / d``; int8: the int8 dot product of the query quantized with the
+    stamped ranges), and report ``recall@10_vs_float``: the share of the exact float
+    search's top 10 (the float column of the same dim, else ``vector``) they return. Each
+    quantized column of a retrieval set is also scored as a two-stage search
+    (``<column>-><float column>``): its top ``10 x rescore_factor`` candidates rescored on
+    the floats; its bytes per row are the candidate column's.
+    """
     dataset = open_table(uri)
     stamp = read_stamp(dataset.schema)
-    columns = vector_columns(dataset.schema)
-    table = dataset.to_table(columns=["id", *columns])
+    layout = S.vector_layout(dataset.schema)
+    table = dataset.to_table(columns=["id", *layout])
     doc_ids = table.column("id").to_pylist()
-    width = 2 if stamp.vector_dtype == "float16" else 4
     full = None
     if data.kind == "retrieval":
         full = embed_queries(embedder, stamp, data.queries.column("text").to_pylist(),
                              embedder.hidden_size)
     results = {}
-    for column, dim in sorted(columns.items(), key=lambda item: item[1]):
-        docs = _matrix(table.column(column))
-        metrics = (_retrieval(data, docs, doc_ids, full, dim) if data.kind == "retrieval"
-                   else _pairs(data, docs, doc_ids))
-        results[column] = {"dim": dim, "bytes_per_row": dim * width, **metrics}
+    for name, column in sorted(layout.items(), key=lambda c: (c[1].dim, -c[1].bytes_per_row)):
+        docs = _matrix(table.column(name))
+        base = {"dim": column.dim, "dtype": column.dtype, "bytes_per_row": column.bytes_per_row}
+        if data.kind != "retrieval":
+            results[name] = base | _pairs(data, docs, doc_ids, column)
+            continue
+        scores = _similarity(_queries(dataset.schema, column, full), docs, column)
+        results[name] = base | _retrieval(data, scores, doc_ids)
+        if column.quantized:
+            recall, two_stage = _against_float(data, table, layout, column, scores, full,
+                                               rescore_factor)
+            results[name] |= recall
+            results.update(two_stage)
     return {"protocol": data.protocol, "table": uri, "task": stamp.task,
             "query_task": stamp.query_task, "columns": results}
 
 
-def _retrieval(data: EvalSet, docs: np.ndarray, doc_ids: list[str], full: np.ndarray,
-               dim: int) -> dict[str, Any]:
+def _queries(schema: pa.Schema, column: S.VectorColumn, full: np.ndarray) -> np.ndarray:
+    """The queries as the column holds its rows: truncated floats, or quantized codes."""
     from embedjob.model import matryoshka
 
-    queries = matryoshka(full, dim)  # = embed_queries(..., dim): truncate, then normalize
-    ranked = rank_documents(queries, docs, doc_ids, k=max(NDCG_K, RECALL_K))
+    queries = matryoshka(full, column.dim)  # = embed_queries(..., dim): truncate, normalize
+    if not column.quantized:
+        return queries
+    return np.stack([quantize_query(schema, column, q) for q in queries])
+
+
+def _similarity(queries: np.ndarray, docs: np.ndarray, column: S.VectorColumn) -> np.ndarray:
+    """[queries, docs]: cosine (floats), ``1 - 2 x hamming / d`` (binary: the mean product
+    of +-1 signs), int8 dot product (exact in float64)."""
+    if column.dtype == "binary":
+        signs_q = np.unpackbits(queries, axis=1).astype(np.float32) * 2 - 1
+        signs_d = np.unpackbits(docs, axis=1).astype(np.float32) * 2 - 1
+        return signs_q @ signs_d.T / column.dim
+    if column.dtype == "int8":
+        return queries.astype(np.float64) @ docs.astype(np.float64).T
+    return queries.astype(np.float32) @ docs.astype(np.float32).T
+
+
+def _ranked(scores: np.ndarray, doc_ids: list, k: int) -> list[list]:
+    """Top-k doc ids per query, best first; ties keep corpus order."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    ids = np.asarray(doc_ids, dtype=object)
+    return [list(ids[row]) for row in order]
+
+
+def _retrieval(data: EvalSet, scores: np.ndarray, doc_ids: list) -> dict[str, Any]:
+    ranked = _ranked(scores, doc_ids, max(NDCG_K, RECALL_K))
     qrels = [set(data.qrels[q]) for q in data.queries.column("id").to_pylist()]
     return retrieval_metrics(ranked, qrels, data.queries.column("group").to_pylist())
 
 
-def _pairs(data: EvalSet, docs: np.ndarray, doc_ids: list[str]) -> dict[str, Any]:
+def _against_float(data: EvalSet, table: pa.Table, layout: Mapping[str, S.VectorColumn],
+                   column: S.VectorColumn, scores: np.ndarray, full: np.ndarray,
+                   factor: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """recall@10 of the quantized ranking vs the exact float one, and the two-stage row."""
+    name = S.vector_column(column.dim, full.shape[1])
+    exact = layout.get(name) or layout.get(S.VECTOR)
+    if exact is None:  # every float column dropped: nothing to compare with
+        return {}, {}
+    floats = _matrix(table.column(exact.name)).astype(np.float32)
+    exact_scores = _similarity(_queries(None, exact, full), floats, exact)
+    doc_ids = table.column("id").to_pylist()
+    truth = _ranked(exact_scores, doc_ids, NDCG_K)
+    own = f"recall@{NDCG_K}_vs_float"
+    recall = {own: _overlap(_ranked(scores, doc_ids, NDCG_K), truth)}
+    # two-stage: top 10 x factor by the quantized scores, rescored on the floats
+    n = min(NDCG_K * factor, len(doc_ids))
+    candidates = np.argsort(-scores, axis=1, kind="stable")[:, :n]
+    rescored = np.take_along_axis(exact_scores, candidates, axis=1)
+    order = np.take_along_axis(candidates, np.argsort(-rescored, axis=1, kind="stable"), axis=1)
+    ids = np.asarray(doc_ids, dtype=object)
+    ranked = [list(ids[row[:NDCG_K]]) for row in order]
+    qrels = [set(data.qrels[q]) for q in data.queries.column("id").to_pylist()]
+    metrics = retrieval_metrics(ranked, qrels, data.queries.column("group").to_pylist())
+    metrics.pop(f"recall@{RECALL_K}")  # only 10 rows come back
+    return recall, {f"{column.name}->{exact.name}": {
+        "dim": column.dim, "dtype": f"{column.dtype}->{exact.dtype}",
+        "bytes_per_row": column.bytes_per_row, "rescore_bytes_per_row": exact.bytes_per_row,
+        "rescore_factor": factor, **metrics, own: _overlap(ranked, truth)}}
+
+
+def _overlap(ranked: list[list], truth: list[list]) -> float:
+    """Mean share of each query's exact top-k that ``ranked`` returns."""
+    return float(np.mean([len(set(r) & set(t)) / len(t) for r, t in zip(ranked, truth,
+                                                                        strict=True)]))
+
+
+def _pairs(data: EvalSet, docs: np.ndarray, doc_ids: list[str],
+           column: S.VectorColumn) -> dict[str, Any]:
+    """Pearson of the column's similarity of each pair (cosine; quantized: as ranked)."""
     row = {doc: i for i, doc in enumerate(doc_ids)}
     a = [row[str(x)] for x in data.pairs.column("a").to_pylist()]
     b = [row[str(x)] for x in data.pairs.column("b").to_pylist()]
-    cosine = np.einsum("ij,ij->i", docs[a], docs[b])  # [pairs]
+    similarity = _similarity(docs, docs, column)  # [docs, docs]
+    cosine = similarity[a, b]  # [pairs]
+    if np.ptp(cosine) == 0:  # e.g. 8 sign bits all alike: no correlation is defined
+        return {"pearson": None, "pairs": len(a)}
     return {"pearson": pearson(cosine, data.pairs.column("score").to_pylist()),
             "pairs": len(a)}
 
 
 def _matrix(column: pa.ChunkedArray) -> np.ndarray:
-    """A fixed-size-list column -> float32 [rows, dim]."""
+    """A fixed-size-list column -> [rows, width] of its value type (float16 as float32)."""
     flat = column.combine_chunks()
-    dim = flat.type.list_size
-    return flat.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    values = flat.flatten().to_numpy(zero_copy_only=False).reshape(-1, flat.type.list_size)
+    return values.astype(np.float32) if values.dtype == np.float16 else values
 
 
 
 def format_report(report: Mapping[str, Any]) -> str:
-    """A markdown table: dataset, column, dim, bytes/row and the metrics."""
-    lines = ["| dataset | column | dim | bytes/row | nDCG@10 | recall@100 | top-1 | Pearson |",
-             "|---|---|---|---|---|---|---|---|"]
+    """A markdown table: dataset, column, dim, dtype, bytes/row and the metrics
+    (``a->b`` columns: two-stage search, candidates on a, rescored on b)."""
+    lines = ["| dataset | column | dim | dtype | bytes/row | nDCG@10 | recall@100 | top-1 | "
+             "Pearson | recall@10 vs float |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, result in report["datasets"].items():
         for column, m in result["columns"].items():
             cells = [_fmt(m.get(key)) for key in (f"ndcg@{NDCG_K}", f"recall@{RECALL_K}",
-                                                   "top1", "pearson")]
-            lines.append(f"| {name} | {column} | {m['dim']} | {m['bytes_per_row']} | "
-                         + " | ".join(cells) + " |")
+                                                   "top1", "pearson",
+                                                   f"recall@{NDCG_K}_vs_float")]
+            lines.append(f"| {name} | {column} | {m['dim']} | {m.get('dtype', '')} | "
+                         f"{m['bytes_per_row']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

