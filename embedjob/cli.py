@@ -30,7 +30,14 @@ from embedjob.config import (
     load_yaml,
 )
 from embedjob.console import Console, RunView, setup_logging
-from embedjob.errors import BugError, ConfigError, EmbedError, did_you_mean, without_rust_paths
+from embedjob.errors import (
+    BugError,
+    ConfigError,
+    EmbedError,
+    RunStopped,
+    did_you_mean,
+    without_rust_paths,
+)
 from embedjob.model.weights import ConvertWeightsOptions
 from embedjob.storage import Storage, parse_storage_option
 
@@ -463,7 +470,8 @@ def main(argv: list[str] | None = None, *, table: Mapping[str, Command] | None =
     Returns:
         0 on success; 2 for a user error (a bad flag, value, input or output: one line naming
         the flag and what is allowed); 1 for a failure at run time (one line and the log
-        file that holds the details); 130 when interrupted.
+        file that holds the details); 130 when interrupted; 128 + the signal (130 SIGINT,
+        143 SIGTERM) when a run was stopped by a signal and committed what it had (resumable).
     """
     table = table or commands()
     top = parser(table)
@@ -488,6 +496,9 @@ def main(argv: list[str] | None = None, *, table: Mapping[str, Command] | None =
     except KeyboardInterrupt:
         print(f"embedjob: interrupted (log: {log_path})", file=sys.stderr)
         return 130
+    except RunStopped as exc:  # SIGTERM / SIGINT: stopped cleanly, resumable
+        print(f"embedjob: {exc}", file=sys.stderr)
+        return exc.exit_code
     except Exception as exc:
         _log_traceback(log_path)
         if isinstance(exc, EmbedError) and not isinstance(exc, BugError):

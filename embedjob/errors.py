@@ -90,6 +90,15 @@ class CorruptInputError(InputError):
     """An input file cannot be parsed (``fail_fast``; otherwise it becomes a rejected row)."""
 
 
+class RunStopped(EmbedError):
+    """The run was asked to stop (SIGTERM / SIGINT) and stopped cleanly: what the writers had
+    finished is committed, the lease released. ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class TransientGiveUpError(StorageError):
     """A transient storage error outlasted the retry budget; the message says for how long."""
 

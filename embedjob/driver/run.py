@@ -16,7 +16,8 @@ from embedjob.driver import calibrate, pipeline, progress
 from embedjob.driver.commit import Committer, TableCommitter
 from embedjob.driver.lease import Lease
 from embedjob.driver.preflight import RunPlan, plan_run
-from embedjob.errors import BugError
+from embedjob.driver.stop import Stop, StopRequested, stop_on_signal
+from embedjob.errors import BugError, RunStopped
 from embedjob.schema import Counts
 from embedjob.stages.check import IdRegistry, OutputLookup
 from embedjob.stages.encode import EncodeActor
@@ -104,19 +105,25 @@ def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=Non
         return None
     if lookup is not None:
         plan = replace(plan, tokenize=replace(plan.tokenize, lookup=lookup))
-    with Lease(output=config.output, ttl_s=config.lease_ttl_s, storage=plan.storage) as lease:
-        summary = _run(plan, started, registry, encoder or EncodeActor, calibration, lease,
-                       reporter)
+    try:
+        with stop_on_signal() as stop, Lease(output=config.output, ttl_s=config.lease_ttl_s,
+                                             storage=plan.storage) as lease:
+            summary = _run(plan, started, registry, encoder or EncodeActor, calibration, lease,
+                           reporter, stop)
+    except StopRequested as stop:  # outside the result loop: nothing new was committed
+        raise RunStopped(f"stopped by {stop}: nothing new committed; {_RESUME}",
+                         stop.exit_code) from None
     if config.summary_json:
         write_json(config.summary_json, asdict(summary))
     return summary
 
 
 def _run(plan: RunPlan, started: float, registry, encoder: type,
-         calibration: str | None, lease: Lease, reporter: Reporter) -> Summary:
+         calibration: str | None, lease: Lease, reporter: Reporter, stop: Stop) -> Summary:
     """The run proper, under the output's lease."""
     config = plan.config
     _init_ray(config, reporter.forward_worker_logs)
+    stop.reinstall()
     plan = calibrate.settle(plan, calibration)
     registry = registry or new_registry()
     committer = _committer(plan, started)
@@ -126,9 +133,17 @@ def _run(plan: RunPlan, started: float, registry, encoder: type,
     if plan.units:
         results = pipeline.build(plan, registry=registry, tracker=committer.tracker,
                                  encoder=encoder)
-        for result in results.iter_batches(batch_size=None, batch_format="pyarrow"):
-            committer.add(result)
-            reporter.progress(committer.counts)
+        batches = iter(results.iter_batches(batch_size=None, batch_format="pyarrow"))
+        try:
+            while True:
+                with stop.waiting():  # a stop signal breaks off only this wait
+                    result = next(batches, None)
+                if result is None:
+                    break
+                committer.add(result)
+                reporter.progress(committer.counts)
+        except StopRequested as requested:
+            _stop(committer, requested)
     reporter.finished()
     _check_one_to_one(committer, registry, seeded)
     # The last commit: the rest of the rows, the units they finish, the summary, "complete".
@@ -140,6 +155,24 @@ def _run(plan: RunPlan, started: float, registry, encoder: type,
         summary = replace(summary, table_version=committer.main.version)
     logger.info("%s", summary.line())
     return summary
+
+
+_RESUME = ("rerun the same command to resume (it reads only the input units not committed; "
+           "the lease is released, so it starts at once)")
+
+
+def _stop(committer: Committer, stop: StopRequested) -> None:
+    """Commit what the writers had handed over, then end the run as stopped.
+
+    Raises:
+        RunStopped: always (the lease is released on the way out).
+    """
+    committer.commit()
+    counts = committer.counts
+    raise RunStopped(
+        f"stopped by {stop}: {counts.rows_embedded} rows embedded and {counts.rows_rejected} "
+        f"rejected are committed (output version {committer.main.version}); {_RESUME}",
+        stop.exit_code) from None
 
 
 def new_registry():
