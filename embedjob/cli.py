@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 import types
 import typing
@@ -503,13 +504,28 @@ def main(argv: list[str] | None = None, *, table: Mapping[str, Command] | None =
         _log_traceback(log_path)
         if isinstance(exc, EmbedError) and not isinstance(exc, BugError):
             return _user_error(exc)
-        first = (str(exc).strip().splitlines() or [""])[0]
-        print(f"embedjob: {args.command} failed: {type(exc).__name__}: "
-              f"{without_rust_paths(first)} (details: {log_path})", file=sys.stderr)
+        print(f"embedjob: {args.command} failed: {without_rust_paths(_failure(exc))} "
+              f"(details: {log_path})", file=sys.stderr)
         return 1
     finally:
         _CONSOLE.pop().stop_progress()
     return 0
+
+
+# "SomeError: message" lines of a nested traceback (Ray carries a worker's as text)
+_CAUSE_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (\S.*)$")
+
+
+def _failure(exc: BaseException) -> str:
+    """A runtime failure in one line: the innermost ``XError: message`` of the exception's
+    text (a Ray error names the worker's own exception last: an actor that died loading its
+    weights says why), else the exception's type and first line."""
+    text = str(exc).strip()
+    causes = [m.groups() for m in map(_CAUSE_LINE.match, text.splitlines()) if m]
+    if causes:
+        name, message = causes[-1]
+        return f"{name.rsplit('.', 1)[-1]}: {message}"
+    return f"{type(exc).__name__}: {(text.splitlines() or [''])[0]}"
 
 
 def _log_traceback(path: str) -> None:
