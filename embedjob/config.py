@@ -183,6 +183,15 @@ class EmbedConfig:
         help="Lance/object_store storage option (aws_endpoint, aws_region, allow_http, ...), "
              "over the AWS environment variables; repeatable")
     tokenize_batch_rows: int = knob(1024, commands=RUNS, help="rows per tokenizer call")
+    assume_unique_ids: bool = knob(
+        False, commands=RUNS,
+        help="skip the duplicate-id pre-pass (no pass, no state): for corpora whose ids are "
+             "known unique; if they are not, every row of a repeated id is stored (count "
+             "rows against distinct ids to detect it, README 'Duplicate ids')")
+    id_shards: int | None = knob(
+        None, commands=RUNS,
+        help="actors holding the duplicate-id pre-pass's state, 20 bytes per input row split "
+             "among them (default: one per 8 CPUs of the cluster, at least 1)")
     write_batch_rows: int = knob(
         32768, commands=RUNS,
         help="rows per written Lance fragment, at most (32768 rows of 1024-d float32 vectors "
@@ -231,9 +240,10 @@ class EmbedConfig:
             _require(_is_int(value) and value >= 1, name, value, "an integer >= 1")
         _require(self.limit is None or (_is_int(self.limit) and self.limit >= 1), "limit",
                  self.limit, "an integer >= 1")
-        _require(self.tokenize_tasks is None or (_is_int(self.tokenize_tasks)
-                                                 and self.tokenize_tasks >= 1),
-                 "tokenize_tasks", self.tokenize_tasks, "an integer >= 1 or None")
+        for name in ("tokenize_tasks", "id_shards"):
+            value = getattr(self, name)
+            _require(value is None or (_is_int(value) and value >= 1), name, value,
+                     "an integer >= 1 or None")
         _require(self.window_rows <= 1 << 20, "window_rows", self.window_rows, "<= 1048576")
         _require(self.gpus_per_actor >= 0, "gpus_per_actor", self.gpus_per_actor, "a number >= 0")
         for name in ("cpus_per_actor", "cpus_per_task", "commit_interval_s", "lease_ttl_s"):

@@ -166,6 +166,7 @@ REJECTED_SCHEMA = pa.schema([
 ])
 REJECTED_SOURCE = "source"  # the rejected table's lineage columns (resume deletes by them)
 REJECTED_ROW = "row"
+REJECTED_ID = "id"  # as a string
 REJECTED_REASON = "reason"
 
 
@@ -234,6 +235,7 @@ class Counts:
 
     rows_embedded: int = 0
     rows_rejected: int = 0
+    rows_duplicate: int = 0  # of rows_rejected: their id belongs to an earlier row
     rows_unchanged: int = 0
     rows_changed: int = 0
     rows_truncated: int = 0

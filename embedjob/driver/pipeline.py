@@ -2,6 +2,9 @@
 
     read units -> tokenize (CPU) -> bucket by length -> encode (actors) -> write fragments
 
+preceded (unless ``assume_unique_ids``) by ``scan``, the duplicate-id pre-pass over the id
+column of every unit (``stages.dedupe``).
+
 Each stage is one ``map_batches`` call whose resources are visible right here, with the one
 spec preflight built for it; the driver (``driver.run``) consumes the write stage's results
 and commits them.
@@ -9,26 +12,43 @@ and commits them.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import ray
 import ray.data
 
 from embedjob.driver.preflight import RunPlan
 from embedjob.stages.bucket import bucket_window
+from embedjob.stages.dedupe import DuplicateIndex, ScanSpec, scan_ids, source_files
 from embedjob.stages.encode import EncodeActor
-from embedjob.stages.read import read_units
+from embedjob.stages.read import read_units, unit_file
 from embedjob.stages.tokens import tokenize_batch
 from embedjob.stages.write import write_block
 
 ARROW = "pyarrow"
 
 
-def build(plan: RunPlan, *, registry: ray.actor.ActorHandle, tracker: ray.actor.ActorHandle,
+def scan(plan: RunPlan, index: DuplicateIndex) -> ray.data.Dataset:
+    """The duplicate-id pre-pass: every unit's id column (finished units too, on a resume)
+    into the shards of ``index``; rows are (unit, rows scanned)."""
+    position = {name: i for i, name in enumerate(source_files(plan.sources))}
+    units = ray.data.from_items(
+        [{"unit": u, "source_index": position[unit_file(u)]} for u in plan.sources],
+        override_num_blocks=len(plan.sources))
+    return units.map_batches(
+        scan_ids, fn_kwargs={"spec": ScanSpec(read=replace(plan.read, ids_only=True),
+                                              index=index)},
+        batch_size=1, batch_format=ARROW, num_cpus=plan.config.cpus_per_task,
+    )
+
+
+def build(plan: RunPlan, *, tracker: ray.actor.ActorHandle,
           encoder: type = EncodeActor) -> ray.data.Dataset:
     """The lazy dataset whose rows are write-stage results (fragments + counters).
 
     Args:
-        plan: The run's plan (one spec per stage).
-        registry: The run's ``IdRegistry`` (duplicate ids; rows rejected late give theirs back).
+        plan: The run's plan (one spec per stage; ``plan.tokenize.duplicates`` holds the
+            duplicate-id shards, after ``scan``).
         tracker: The ``ReadTracker`` (rows per unit read to its end).
         encoder: The encode stage's ``map_batches`` class (tests wrap ``EncodeActor``).
     """
@@ -44,7 +64,7 @@ def build(plan: RunPlan, *, registry: ray.actor.ActorHandle, tracker: ray.actor.
         memory=cfg.read_memory_bytes,
     )
     tokens = rows.map_batches(
-        tokenize_batch, fn_kwargs={"spec": plan.tokenize, "registry": registry},
+        tokenize_batch, fn_kwargs={"spec": plan.tokenize},
         # never gather more rows than a window sorts: Ray fuses this with the bucket stage
         batch_size=min(cfg.tokenize_batch_rows, cfg.window_rows), batch_format=ARROW,
         num_cpus=cpu, compute=ray.data.TaskPoolStrategy(size=cfg.tokenize_tasks),
@@ -54,7 +74,7 @@ def build(plan: RunPlan, *, registry: ray.actor.ActorHandle, tracker: ray.actor.
         batch_size=cfg.window_rows, batch_format=ARROW, num_cpus=cpu,
     )
     vectors = buckets.map_batches(
-        encoder, fn_constructor_kwargs={"spec": plan.encode, "registry": registry},
+        encoder, fn_constructor_kwargs={"spec": plan.encode},
         batch_size=None, batch_format=ARROW,
         # Ray Data restarts a dead actor and retries its calls (its defaults: max_restarts
         # and max_task_retries -1); rows are keyed, so a retry never duplicates one.

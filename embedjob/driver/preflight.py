@@ -41,6 +41,7 @@ class RunPlan:
     config: EmbedConfig
     storage: Storage = field(repr=False)
     units: list[str]  # still to embed (all of them, unless resuming)
+    sources: list[str]  # every unit of the input (done ones too): the duplicate-id scan's
     fingerprints: dict[str, str]  # every input file (or Lance fragment) -> size:mtime
     run_key: str
     resumed: ProgressRecord | None  # the interrupted attempt this run continues
@@ -109,7 +110,7 @@ def plan_run(config: EmbedConfig) -> RunPlan:
         )
     return RunPlan(
         config=config, storage=storage,
-        units=[u for u in units if resumed is None or u not in resumed.done],
+        units=[u for u in units if resumed is None or u not in resumed.done], sources=units,
         fingerprints=fingerprints, run_key=key, resumed=resumed, model=spec, task=task,
         dims=dims, quantize=quantize, float_dims=float_dims, schema=schema,
         recreate_output=recreate_output,

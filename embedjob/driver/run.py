@@ -19,8 +19,10 @@ from embedjob.driver.preflight import RunPlan, plan_run
 from embedjob.driver.stop import Stop, StopRequested, stop_on_signal
 from embedjob.errors import BugError, RunStopped
 from embedjob.schema import Counts
-from embedjob.stages.check import IdRegistry, OutputLookup
+from embedjob.stages.check import OutputLookup
+from embedjob.stages.dedupe import DuplicateIndex, source_files
 from embedjob.stages.encode import EncodeActor
+from embedjob.stages.read import unit_file
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ class Summary(Counts):
     def line(self) -> str:
         return (
             f"embedded {self.rows_embedded}/{self.rows_read} rows "
-            f"({self.rows_rejected} rejected, {self.rows_truncated} truncated, "
+            f"({self.rows_rejected} rejected ({self.rows_duplicate} duplicate ids), "
+            f"{self.rows_truncated} truncated, "
             f"{self.rows_unchanged} unchanged, {self.rows_deleted} deleted), "
             f"{self.tokens} tokens, padding efficiency {self.padding_efficiency:.3f}, "
             f"{self.tokens_per_s:.0f} tokens/s, {self.wall_s:.1f} s, {self.commits} data "
@@ -73,7 +76,7 @@ class Reporter:
         """Every row is through (the final commit follows)."""
 
 
-def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=None,
+def run(config: EmbedConfig, *, lookup: OutputLookup | None = None,
         encoder: type | None = None, calibration: str | None = None,
         reporter: Reporter | None = None) -> Summary | None:
     """Run one embed job to completion.
@@ -81,7 +84,6 @@ def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=Non
     Args:
         config: The job.
         lookup: A refresh's view of the output: rows it holds unchanged are skipped.
-        registry: The run's ``IdRegistry`` when the caller needs it afterwards.
         encoder: The encode stage's class (default ``EncodeActor``; tests wrap it).
         calibration: An int8 calibration stamp to reuse (a refresh's staging run passes
             its table's; default: the output's when adding to it, else calibrated anew).
@@ -94,6 +96,16 @@ def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=Non
     Raises:
         EmbedError: a configuration or storage problem, before any model loads.
     """
+    return run_keeping_ids(config, lookup=lookup, encoder=encoder, calibration=calibration,
+                           reporter=reporter)[0]
+
+
+def run_keeping_ids(config: EmbedConfig, *, lookup: OutputLookup | None = None,
+                    keep_ids: bool = False, encoder: type | None = None,
+                    calibration: str | None = None, reporter: Reporter | None = None
+                    ) -> tuple[Summary | None, DuplicateIndex | None]:
+    """``run``, also returning the duplicate-id shards (with the distinct ids of the corpus
+    when ``keep_ids``: a refresh asks them which output ids are gone)."""
     started = time.monotonic()
     reporter = reporter or Reporter()
     plan = plan_run(config)
@@ -102,37 +114,39 @@ def run(config: EmbedConfig, *, lookup: OutputLookup | None = None, registry=Non
                        "(see the model card)", plan.model.source, plan.model.license)
     if config.dry_run:
         reporter.planned(plan)
-        return None
+        return None, None
     if lookup is not None:
         plan = replace(plan, tokenize=replace(plan.tokenize, lookup=lookup))
     try:
         with stop_on_signal() as stop, Lease(output=config.output, ttl_s=config.lease_ttl_s,
                                              storage=plan.storage) as lease:
-            summary = _run(plan, started, registry, encoder or EncodeActor, calibration, lease,
-                           reporter, stop)
+            summary, index = _run(plan, started, keep_ids, encoder or EncodeActor, calibration,
+                                  lease, reporter, stop)
     except StopRequested as stop:  # outside the result loop: nothing new was committed
         raise RunStopped(f"stopped by {stop}: nothing new committed; {_RESUME}",
                          stop.exit_code) from None
     if config.summary_json:
         write_json(config.summary_json, asdict(summary))
-    return summary
+    return summary, index
 
 
-def _run(plan: RunPlan, started: float, registry, encoder: type,
-         calibration: str | None, lease: Lease, reporter: Reporter, stop: Stop) -> Summary:
+def _run(plan: RunPlan, started: float, keep_ids: bool, encoder: type,
+         calibration: str | None, lease: Lease, reporter: Reporter, stop: Stop
+         ) -> tuple[Summary, DuplicateIndex | None]:
     """The run proper, under the output's lease."""
     config = plan.config
     _init_ray(config, reporter.forward_worker_logs)
     stop.reinstall()
     plan = calibrate.settle(plan, calibration)
-    registry = registry or new_registry()
     committer = _committer(plan, started)
     committer.fence = lease.check
-    seeded = _prepare_resume(plan, committer, registry) if plan.resumed else 0
+    if plan.resumed:
+        _prepare_resume(plan, committer)
+    index = None if config.assume_unique_ids else _find_duplicates(plan, keep_ids)
+    plan = replace(plan, tokenize=replace(plan.tokenize, duplicates=index))
     reporter.started(plan)
     if plan.units:
-        results = pipeline.build(plan, registry=registry, tracker=committer.tracker,
-                                 encoder=encoder)
+        results = pipeline.build(plan, tracker=committer.tracker, encoder=encoder)
         batches = iter(results.iter_batches(batch_size=None, batch_format="pyarrow"))
         try:
             while True:
@@ -145,7 +159,7 @@ def _run(plan: RunPlan, started: float, registry, encoder: type,
         except StopRequested as requested:
             _stop(committer, requested)
     reporter.finished()
-    _check_one_to_one(committer, registry, seeded)
+    _check_duplicates(plan, committer, index)
     # The last commit: the rest of the rows, the units they finish, the summary, "complete".
     summary = _summary(plan, committer, time.monotonic() - started)
     committer.commit(create=True, last_run=json.dumps(asdict(summary)))
@@ -154,7 +168,7 @@ def _run(plan: RunPlan, started: float, registry, encoder: type,
                        committer.main.version, summary.table_version)
         summary = replace(summary, table_version=committer.main.version)
     logger.info("%s", summary.line())
-    return summary
+    return summary, index
 
 
 _RESUME = ("rerun the same command to resume (it reads only the input units not committed; "
@@ -175,9 +189,18 @@ def _stop(committer: Committer, stop: StopRequested) -> None:
         stop.exit_code) from None
 
 
-def new_registry():
-    """The run-wide registry of claimed ids (a Ray actor)."""
-    return IdRegistry.remote()
+def _find_duplicates(plan: RunPlan, keep_ids: bool) -> DuplicateIndex:
+    """The pre-pass: scan every unit's ids into the shards and decide each id's winner."""
+    started = time.monotonic()
+    shards = plan.config.id_shards or max(1, int(ray.cluster_resources().get("CPU", 1)) // 8)
+    files = source_files(plan.sources)
+    index = DuplicateIndex.create(files, shards, keep_ids=keep_ids)
+    for _ in pipeline.scan(plan, index).iter_batches(batch_size=None):
+        pass  # the rows scanned per unit are not needed: the shards hold the ids
+    rows, distinct = index.resolve(files)
+    logger.info("duplicate-id pre-pass: %d rows with an id, %d distinct, %d shards, %.1f s",
+                rows, distinct, shards, time.monotonic() - started)
+    return index
 
 
 def _init_ray(config: EmbedConfig, log_to_driver: bool = True) -> None:
@@ -207,12 +230,8 @@ def _committer(plan: RunPlan, started: float) -> Committer:
     )
 
 
-def _prepare_resume(plan: RunPlan, committer: Committer, registry) -> int:
-    """Drop the rows of unfinished units from both tables; claim the ids already embedded.
-
-    Returns:
-        How many ids the finished units hold (claimed before any new row).
-    """
+def _prepare_resume(plan: RunPlan, committer: Committer) -> None:
+    """Drop the rows of unfinished units from both tables (they are embedded again)."""
     record = plan.resumed
     main = progress.unfinished_rows(plan.units, record, S.SOURCE_FILE, S.SOURCE_ROW)
     if main is not None:
@@ -220,21 +239,22 @@ def _prepare_resume(plan: RunPlan, committer: Committer, registry) -> int:
         if plan.storage.lance_exists(plan.config.rejected_uri):
             committer.rejected.dataset().delete(progress.unfinished_rows(
                 plan.units, record, S.REJECTED_SOURCE, S.REJECTED_ROW))
-    seeded = 0
-    for batch in committer.main.dataset().to_batches(columns=[S.OUT_ID], batch_size=65536):
-        ids = batch.column(S.OUT_ID).to_pylist()
-        ray.get(registry.claim.remote(ids, [0] * len(ids)))  # 0: no new row owns these
-        seeded += len(ids)
-    return seeded
 
 
-def _check_one_to_one(committer: Committer, registry, seeded: int) -> None:
-    """Every id the registry handed out was embedded exactly once."""
-    claimed = ray.get(registry.size.remote())
-    embedded = committer.counts.rows_embedded + committer.counts.rows_unchanged + seeded
-    if claimed != embedded:
-        raise BugError(
-            f"{claimed} distinct valid ids were read but {embedded} rows were embedded")
+def _check_duplicates(plan: RunPlan, committer: Committer, index: DuplicateIndex | None) -> None:
+    """Every row the pre-pass called a duplicate was rejected as one, and no other row: the
+    losers of the files this run read, less those of their units finished before a resume."""
+    if index is None:
+        return
+    position = {name: i for i, name in enumerate(source_files(plan.sources))}
+    todo = {unit_file(u) for u in plan.units}
+    done = plan.resumed.ranges if plan.resumed else {}
+    skipped = [(position[unit_file(u)], lo, hi) for u, (lo, hi) in done.items()
+               if unit_file(u) in todo]
+    expected = index.count_losers([position[f] for f in todo], skipped)
+    if committer.counts.rows_duplicate != expected:
+        raise BugError(f"the pre-pass found {expected} duplicate rows in this run's units but "
+                       f"{committer.counts.rows_duplicate} were rejected as duplicates")
 
 
 def _summary(plan: RunPlan, committer: Committer, wall_s: float) -> Summary:

@@ -17,19 +17,19 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import lance
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from embedjob import schema as S
 from embedjob.config import EmbedConfig
 from embedjob.driver.lease import Lease
 from embedjob.driver.progress import read_record
 from embedjob.errors import ConfigError
-from embedjob.stages.check import OutputLookup
+from embedjob.stages.check import DUPLICATE_ID, OutputLookup
+from embedjob.stages.dedupe import DuplicateIndex
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -81,12 +81,12 @@ def _refresh(config: EmbedConfig, storage: Storage, reporter=None):
     output = storage.open_lance(config.output)
     lookup = OutputLookup(uri=config.output, version=output.version, storage=storage)
     staging = S.sibling_uri(config.output, "staging")
-    registry = run.new_registry()
-    summary = run.run(_staging_config(config, staging, storage), lookup=lookup,
-                      registry=registry, reporter=reporter,
-                      calibration=S.schema_metadata(output.schema).get(S.INT8_CALIBRATION))
+    summary, index = run.run_keeping_ids(
+        _staging_config(config, staging, storage), lookup=lookup,
+        keep_ids=not config.keep_deleted, reporter=reporter,
+        calibration=S.schema_metadata(output.schema).get(S.INT8_CALIBRATION))
     _upsert(config.output, staging, storage)
-    deleted = 0 if config.keep_deleted else _delete_gone(config.output, storage, registry)
+    deleted = 0 if config.keep_deleted else _delete_gone(config, storage, index)
     storage.open_lance(config.output).optimize.optimize_indices()
     storage.remove_tree(staging)
     _upkeep(config, storage)
@@ -138,14 +138,43 @@ def _upsert(output: str, staging: str, storage: Storage) -> None:
      .execute(reader))
 
 
-def _delete_gone(output: str, storage: Storage, registry) -> int:
-    """Delete rows whose id no valid corpus row claimed in this refresh."""
-    dataset = storage.open_lance(output)
-    gone: list = []
+def _delete_gone(config: EmbedConfig, storage: Storage, index: DuplicateIndex | None) -> int:
+    """Delete rows whose id no valid corpus row has now: ids the pre-pass did not see, and
+    ids whose first corpus row this refresh rejected (its text became invalid)."""
+    dataset = storage.open_lance(config.output)
+    before = dataset.count_rows()
+    id_type = dataset.schema.field(S.OUT_ID).type
+    for ids in _gone_candidates(config, storage, dataset, index):
+        for start in range(0, len(ids), DELETE_CHUNK_IDS):
+            dataset.delete(pc.field(S.OUT_ID).isin(ids[start : start + DELETE_CHUNK_IDS]
+                                                   .cast(id_type)))
+    return before - storage.open_lance(config.output).count_rows()
+
+
+def _gone_candidates(config: EmbedConfig, storage: Storage, dataset: lance.LanceDataset,
+                     index: DuplicateIndex | None) -> Iterator[pa.Array]:
+    """Batches of ids to delete (bounded memory: one batch at a time)."""
     for batch in dataset.to_batches(columns=[S.OUT_ID], batch_size=65536):
-        ids = batch.column(S.OUT_ID).to_pylist()
-        gone += [i for i, seen in zip(ids, ray.get(registry.contains.remote(ids)), strict=True)
-                 if not seen]
-    for start in range(0, len(gone), DELETE_CHUNK_IDS):
-        dataset.delete(pc.field(S.OUT_ID).isin(gone[start : start + DELETE_CHUNK_IDS]))
-    return len(gone)
+        ids = batch.column(S.OUT_ID)
+        if index is not None:  # None: assume_unique_ids, no pre-pass to ask
+            yield ids.filter(pa.array(~index.contains(ids)))
+    rejected = storage.open_lance(config.rejected_uri)
+    invalid = pc.field(S.REJECTED_ID).is_valid() & (pc.field(S.REJECTED_REASON) != DUPLICATE_ID)
+    for batch in rejected.to_batches(columns=[S.REJECTED_ID], filter=invalid,
+                                     batch_size=65536):
+        yield _castable(batch.column(S.REJECTED_ID), dataset.schema.field(S.OUT_ID).type)
+
+
+def _castable(ids: pa.Array, id_type: pa.DataType) -> pa.Array:
+    """The rejected table's string ids that are ids of the output's type."""
+    if pa.types.is_string(id_type):
+        return ids
+    return pa.array([v for v in ids.to_pylist() if _is_type(v, id_type)], pa.string())
+
+
+def _is_type(value: str, id_type: pa.DataType) -> bool:
+    try:
+        pa.scalar(value).cast(id_type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+    return True

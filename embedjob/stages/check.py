@@ -1,5 +1,5 @@
-"""Row checks before tokenization, the run-wide registry of ids already seen, and (refresh)
-the lookup of what the output already holds.
+"""Row checks before tokenization (duplicate ids as the pre-pass of ``stages.dedupe``
+decided them), and (refresh) the lookup of what the output already holds.
 
 A row that fails a check is not embedded: it keeps flowing with status REJECTED and its
 reason, and the write stage puts it in the rejected table. A refresh marks rows whose id and
@@ -14,12 +14,13 @@ import hashlib
 import unicodedata
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from embedjob import schema as S
 from embedjob.schema import Status
+from embedjob.stages.dedupe import DuplicateIndex
 from embedjob.storage import Storage
 
 # Reasons, one place, so tests and docs name the same strings.
@@ -32,41 +33,6 @@ DUPLICATE_ID = "id already seen in this run"
 # Unicode categories that print nothing: controls (NUL, ESC, ...), format characters
 # (zero-width space/joiners, right-to-left and left-to-right marks, BOM) and separators.
 INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
-
-
-@ray.remote(num_cpus=0)
-class IdRegistry:
-    """Remembers every id claimed in this run and which row claimed it.
-
-    A retried task (same source file and row) claims its ids again and still wins them, so
-    Ray's retries never turn a row into its own duplicate. Holds about 100 bytes per id
-    (a Python dict entry); for runs far beyond 10^8 rows, dedupe upstream or shard.
-    """
-
-    def __init__(self) -> None:
-        self._owner: dict[object, int] = {}
-
-    def claim(self, ids: list, claimants: list[int]) -> list[bool]:
-        """For each id: True when this row owns it (first claimant or the same row again)."""
-        won = []
-        for key, claimant in zip(ids, claimants, strict=True):
-            owner = self._owner.setdefault(key, claimant)
-            won.append(owner == claimant)
-        return won
-
-    def release(self, ids: list, claimants: list[int]) -> None:
-        """Give ids back when the rows that won them were rejected later (encode: out of
-        memory); only the same claimant can release, so a retried call is harmless."""
-        for key, claimant in zip(ids, claimants, strict=True):
-            if self._owner.get(key) == claimant:
-                del self._owner[key]
-
-    def size(self) -> int:
-        return len(self._owner)
-
-    def contains(self, ids: list) -> list[bool]:
-        """For each id: whether some row of this run claimed it."""
-        return [key in self._owner for key in ids]
 
 
 def row_key(source: str, row: int) -> int:
@@ -99,26 +65,24 @@ def has_visible(text: str) -> bool:
     return any(unicodedata.category(ch) not in INVISIBLE_CATEGORIES for ch in text)
 
 
-def check_rows(table: pa.Table, registry) -> list[str | None]:
-    """Reasons per row (null id, bad text, duplicate id); earlier reasons are kept."""
+def check_rows(table: pa.Table, duplicates: DuplicateIndex | None) -> list[str | None]:
+    """Reasons per row: duplicate id, else the read stage's reason, else null id or bad text.
+
+    A row that loses its id to an earlier row (``stages.dedupe``'s rule) is a duplicate
+    whatever else is wrong with it, so every loser is counted as a duplicate exactly once.
+    """
     reasons = table.column(S.REASON).to_pylist()
     ids = table.column(S.ID).to_pylist()
     texts = table.column(S.TEXT).to_pylist()
+    if duplicates is not None and table.num_rows:
+        lost = duplicates.losers(table.column(S.SOURCE).to_pylist(),
+                                 table.column(S.ROW).to_numpy())
+        for i in np.flatnonzero(lost):
+            if ids[i] is not None:
+                reasons[i] = DUPLICATE_ID
     for i, (id_value, text) in enumerate(zip(ids, texts, strict=True)):
         if reasons[i] is None:
             reasons[i] = NULL_ID if id_value is None else text_reason(text)
-    candidates = [i for i, r in enumerate(reasons) if r is None]
-    if candidates and registry is not None:
-        sources = table.column(S.SOURCE).to_pylist()
-        rows = table.column(S.ROW).to_pylist()
-        won = ray.get(
-            registry.claim.remote(
-                [ids[i] for i in candidates], [row_key(sources[i], rows[i]) for i in candidates]
-            )
-        )
-        for i, ok in zip(candidates, won, strict=True):
-            if not ok:
-                reasons[i] = DUPLICATE_ID
     return reasons
 
 

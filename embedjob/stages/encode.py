@@ -5,8 +5,8 @@ one forward. Rows not to embed (rejected, unchanged) pass through with null vect
 write stage can set them aside. The stage checks one output per input.
 
 A forward that runs out of memory is split in halves and retried, down to single rows; a
-single text that still does not fit is rejected with its reason (and its id given back to
-the run's id registry), never dropped.
+single text that still does not fit is rejected with its reason, never dropped (its id is
+not handed to a later duplicate: ``stages.dedupe`` decided the winner before the run).
 
 Host memory is bounded by the model plus a few blocks: after each block the actor hands the
 C heap's free pages back to the OS (``release_free_heap``). Without that, an actor's private
@@ -78,10 +78,9 @@ class EncodeActor:
 
     Args:
         spec: This stage's spec.
-        registry: The run's ``IdRegistry``: ids of rows rejected here are given back to it.
     """
 
-    def __init__(self, spec: EncodeSpec, registry=None) -> None:
+    def __init__(self, spec: EncodeSpec) -> None:
         started = time.perf_counter()
         import torch
 
@@ -95,7 +94,6 @@ class EncodeActor:
         )
         self.spec = spec
         self.dtype = np.dtype(spec.vector_dtype)
-        self.registry = registry
         self.out_of_memory = (torch.OutOfMemoryError, MemoryError)
         logger.info("encode actor ready in %.2f s (imports + model load)",
                     time.perf_counter() - started)
@@ -113,7 +111,6 @@ class EncodeActor:
         late = [i for i in range(n) if batch_of[i] >= 0 and reasons[i] is not None]
         for i in late:
             statuses[i] = Status.REJECTED
-        self._release(table, late)
         valid = np.array([s == Status.EMBED for s in statuses], bool)
         table = table.drop_columns([S.INPUT_IDS, S.BATCH, S.STATUS, S.REASON])
         table = table.append_column(S.STATUS, S.status_array(statuses))
@@ -195,21 +192,6 @@ class EncodeActor:
                 f"encoder returned {out.shape} for {len(ids)} rows"
             )
         return out
-
-    def _release(self, table: pa.Table, rejected: list[int]) -> None:
-        """Give the ids of rows rejected here back to the registry (they were claimed by the
-        tokenize stage), so that the run's one-to-one check still holds."""
-        if not rejected or self.registry is None:
-            return
-        import ray
-
-        from embedjob.stages.check import row_key
-
-        ids = table.column(S.ID).take(rejected).to_pylist()
-        sources = table.column(S.SOURCE).take(rejected).to_pylist()
-        starts = table.column(S.ROW).take(rejected).to_pylist()
-        claimants = [row_key(s, r) for s, r in zip(sources, starts, strict=True)]
-        ray.get(self.registry.release.remote(ids, claimants))
 
 
 @functools.cache

@@ -61,6 +61,8 @@ class ReadSpec:
     fail_fast: bool = False
     # --limit: the units read only up to a row count (the last unit a limit reaches)
     row_caps: Mapping[str, int] = field(default_factory=dict)
+    # True: read only the id column (the duplicate-id scan); texts come back null
+    ids_only: bool = False
 
     def schema(self) -> pa.Schema:
         """The schema of every block this stage yields."""
@@ -204,8 +206,8 @@ def _unit_rejected(unit: str, reason: str, spec: ReadSpec, bounds: dict,
 
 
 def iter_rows(unit: str, spec: ReadSpec) -> Iterator[pa.Table]:
-    """One unit's rows in this stage's schema (without a tracker)."""
-    for raw, first_row in _raw_batches(unit, spec, {}):
+    """One unit's rows in this stage's schema, up to its row cap (without a tracker)."""
+    for raw, first_row in _capped(unit, spec, {}):
         yield normalize(raw, unit, first_row, spec)
 
 
@@ -488,6 +490,8 @@ _READERS = {
 
 
 def _wanted(spec: ReadSpec) -> list[str]:
+    if spec.ids_only:
+        return [spec.id_column]
     return [spec.id_column, spec.text_column, *spec.keep_columns]
 
 

@@ -17,6 +17,7 @@ from embedjob import schema as S
 from embedjob.model.spec import ModelSpec, TextTokenizer
 from embedjob.schema import Status
 from embedjob.stages import check
+from embedjob.stages.dedupe import DuplicateIndex
 from embedjob.storage import Storage
 
 
@@ -29,12 +30,15 @@ class TokenizeSpec:
         task: The task whose instruction prefix is prepended (None: no prefix).
         storage: To fetch the tokenizer files again on a node without the driver's copy.
         lookup: A refresh's view of the output: rows it holds unchanged are skipped.
+        duplicates: The run's duplicate-id shards (None: ids are not checked, as with
+            ``assume_unique_ids``).
     """
 
     model: ModelSpec
     task: str | None
     storage: Storage = field(default_factory=Storage)
     lookup: check.OutputLookup | None = None
+    duplicates: DuplicateIndex | None = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -51,16 +55,15 @@ def _tokenizer(model: ModelSpec, storage: Storage) -> TextTokenizer:
     return load_spec(model.source, filesystem=storage.fsspec(model.source)).tokenizer()
 
 
-def tokenize_batch(table: pa.Table, *, spec: TokenizeSpec, registry) -> pa.Table:
+def tokenize_batch(table: pa.Table, *, spec: TokenizeSpec) -> pa.Table:
     """``map_batches`` body: status, reason, input_ids, n_tokens, truncated, content_hash and
     the refresh's changed flag; the text is dropped.
 
     Args:
         table: Rows of the read stage.
         spec: This stage's spec.
-        registry: The run's ``IdRegistry`` actor (None: duplicate ids are not checked).
     """
-    reasons = check.check_rows(table, registry)
+    reasons = check.check_rows(table, spec.duplicates)
     statuses = [Status.EMBED if r is None else Status.REJECTED for r in reasons]
     texts = table.column(S.TEXT).to_pylist()
     n = table.num_rows

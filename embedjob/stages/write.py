@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from embedjob import schema as S
 from embedjob.schema import Status
+from embedjob.stages.check import DUPLICATE_ID
 from embedjob.storage import Storage
 
 
@@ -50,6 +51,7 @@ def write_block(table: pa.Table, *, spec: WriteSpec) -> pa.Table:
     counts = S.Counts(
         rows_embedded=accepted.num_rows,
         rows_rejected=rejected.num_rows,
+        rows_duplicate=_sum(pc.equal(rejected.column(S.REASON), DUPLICATE_ID)),
         rows_unchanged=_sum(pc.equal(status, int(Status.UNCHANGED))),
         rows_changed=_sum(accepted.column(S.CHANGED)),
         rows_truncated=_sum(accepted.column(S.TRUNCATED)),

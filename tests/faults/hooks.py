@@ -62,8 +62,8 @@ class FaultyEncodeActor(EncodeActor):
     (``ENCODE_DELAY_S``) and simulated out-of-memory errors for forwards costing more than
     ``OOM_ABOVE_TOKENS`` tokens."""
 
-    def __init__(self, spec: EncodeSpec, registry=None) -> None:
-        super().__init__(spec, registry)
+    def __init__(self, spec: EncodeSpec) -> None:
+        super().__init__(spec)
         self.delay_s = float(value(ENCODE_DELAY_S) or 0)
         self.oom_above_tokens = int(value(OOM_ABOVE_TOKENS) or 0)
 

@@ -68,8 +68,7 @@ def _bucketed(golden_dir, rows: list[dict], max_tokens: int) -> pa.Table:
     spec = read.ReadSpec(format="parquet", id_column="id", text_column="text",
                          keep_columns=(), id_type=pa.int64(), keep_types=())
     table = read.normalize(to_table(rows), "mem://corpus", 0, spec)
-    tokens = tokenize_batch(table, spec=TokenizeSpec(model=load_spec(str(golden_dir)), task=TASK),
-                            registry=None)
+    tokens = tokenize_batch(table, spec=TokenizeSpec(model=load_spec(str(golden_dir)), task=TASK))
     return bucket_window(tokens, spec=BucketSpec(max_tokens=max_tokens))
 
 
@@ -139,7 +138,7 @@ def test_out_of_memory_in_a_run_splits_batches_and_loses_no_row(
 def test_out_of_memory_on_one_text_in_a_run_rejects_it_with_its_reason(
     s3_server, s3_prefix, ray_session, golden_dir
 ):
-    """Needs the encode actors to hold the run's id registry (driver/pipeline.py passes it)."""
+    """The rejected text's id stays with it: the pre-pass decided each id's winner."""
     rows = real_rows(10, offset=400)
     rows[4] = {**rows[4], "text": "word " * 600}
     _upload(s3_server, s3_prefix, "a.parquet", to_table(rows))

@@ -237,7 +237,7 @@ def test_stage_sizes_reach_ray_data(ray_session, golden_dir, tmp_path):
     config = EmbedConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "o.lance"),
                          model=str(golden_dir), num_actors=2, actor_prefetch=3,
                          tokenize_tasks=5)
-    dataset = pipeline.build(plan_run(config), registry=None, tracker=None)
+    dataset = pipeline.build(plan_run(config), tracker=None)
     computes, op = {}, dataset._logical_plan.dag
     while op.input_dependencies:
         computes[op.name] = op.compute

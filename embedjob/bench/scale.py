@@ -1,0 +1,276 @@
+"""The scale benchmark's parts: short-row corpora, a no-op encoder (so the pipeline's own
+costs show), a per-process memory sampler, requests counted at the S3 server, and the
+output's manifest and data-file figures. ``benchmarks/scale_bench.py`` runs them.
+
+Every figure comes from one ``embedjob.driver.run.run`` of the real pipeline (pre-pass,
+read, tokenize with the real XLM-R tokenizer, bucket, encode, write, commits); only the
+encoder's forward is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from embedjob.stages.encode import EncodeActor, EncodeSpec
+
+# ---------------------------------------------------------------- corpus
+
+
+def write_short_corpus(directory: Path, *, rows: int, files: int,
+                       row_group_rows: int | None = None, first_id: int = 0) -> list[Path]:
+    """``files`` Parquet files of ``rows`` short rows in all (about 10 tokens each), ids
+    ``first_id..``; ``row_group_rows`` caps the row groups (pyarrow's default otherwise)."""
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f, (start, stop) in enumerate(_splits(rows, files)):
+        ids = np.arange(first_id + start, first_id + stop, dtype=np.int64)
+        texts = [f"row {i} of the scale benchmark, short" for i in ids.tolist()]
+        path = directory / f"part-{f:06d}.parquet"
+        pq.write_table(pa.table({"id": ids, "text": texts}), path,
+                       row_group_size=row_group_rows)
+        paths.append(path)
+    return paths
+
+
+def _splits(rows: int, parts: int) -> Iterator[tuple[int, int]]:
+    edges = np.linspace(0, rows, parts + 1).astype(np.int64)
+    return zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True)
+
+
+# ---------------------------------------------------------------- the no-op encoder
+
+
+@dataclass(frozen=True)
+class _NoModel:
+    hidden_size: int
+    device: str = "cpu"
+
+
+class NoopEncodeActor(EncodeActor):
+    """``EncodeActor`` without a model: every vector is the first unit vector, every forward
+    costs nothing, the rest of the actor (blocks, checks, vector columns, heap trim) runs."""
+
+    def __init__(self, spec: EncodeSpec) -> None:
+        from embedjob.model import load_spec
+
+        self.spec = spec
+        self.dtype = np.dtype(spec.vector_dtype)
+        self.embedder = _NoModel(hidden_size=load_spec(spec.model).hidden_size)
+        self.out_of_memory = (MemoryError,)
+
+    def encode_batches(self, batches: list[list[np.ndarray]]) -> list[np.ndarray]:
+        return [self.encode_ids(ids) for ids in batches]
+
+    def encode_ids(self, ids: list[np.ndarray]) -> np.ndarray:
+        out = np.zeros((len(ids), self.embedder.hidden_size), np.float32)
+        out[:, 0] = 1.0
+        return out
+
+
+# ---------------------------------------------------------------- memory per process
+
+
+@dataclass
+class ProcessSampler:
+    """Peak resident memory (VmRSS) of the driver and of every Ray process, every
+    ``interval_s``, grouped by role: the Ray process title (``ray::IdShard``,
+    ``ray::MapBatches(read_units)``, ...; the method name cut off) or the daemon's name
+    (raylet, gcs_server). A worker reused for several roles counts for each it was seen in.
+    """
+
+    interval_s: float = 0.5
+    driver: int = 0
+    roles: dict[str, int] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> ProcessSampler:
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def largest_worker(self) -> tuple[str, int]:
+        workers = {k: v for k, v in self.roles.items() if k.startswith("ray::")}
+        return max(workers.items(), key=lambda kv: kv[1]) if workers else ("", 0)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        self.driver = max(self.driver, _vm_rss(os.getpid()))
+        for pid in _pids():
+            role = _role(pid)
+            if role:
+                self.roles[role] = max(self.roles.get(role, 0), _vm_rss(pid))
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+
+
+def _role(pid: int) -> str | None:
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return None
+    if title.startswith("ray::"):
+        name = title.split(" ")[0]
+        if name in ("ray::IDLE", "ray::IDLE_SPILL_WORKER", "ray::IDLE_RESTORE_WORKER"):
+            return None
+        return re.sub(r"\.[A-Za-z_]+$", "", name)  # ray::IdShard.add -> ray::IdShard
+    base = os.path.basename(title)
+    return base if base in ("raylet", "gcs_server") else None
+
+
+def _vm_rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# ---------------------------------------------------------------- the output's figures
+
+
+def output_figures(uri: str) -> dict[str, int]:
+    """Bytes of the latest manifest and data files of a local Lance table."""
+    root = Path(uri)
+    manifests = sorted((root / "_versions").glob("*.manifest"), key=lambda p: p.stat().st_mtime)
+    return {"manifest_bytes": manifests[-1].stat().st_size if manifests else 0,
+            "data_files": sum(1 for _ in (root / "data").glob("*")),
+            "versions": len(manifests)}
+
+
+# ---------------------------------------------------------------- a counting S3 server
+
+
+@dataclass
+class CountingS3:
+    """A SeaweedFS S3 server (the test suite's ``weed mini``) whose Prometheus metrics count
+    the requests per bucket and type."""
+
+    endpoint: str
+    metrics: str
+    options: dict[str, str]
+    proc: subprocess.Popen
+
+    def requests(self, bucket: str) -> dict[str, int]:
+        """Requests served so far for ``bucket``, by S3 action."""
+        text = urllib.request.urlopen(self.metrics, timeout=10).read().decode()
+        found: dict[str, int] = {}
+        for line in text.splitlines():
+            if not line.startswith("SeaweedFS_s3_request_total{"):
+                continue
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            if labels.get("bucket") == bucket:
+                kind = labels.get("type", "?")
+                found[kind] = found.get(kind, 0) + int(float(line.rsplit(" ", 1)[1]))
+        return found
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(key=self.options["aws_access_key_id"],
+                                 secret=self.options["aws_secret_access_key"],
+                                 endpoint_url=self.endpoint)
+
+
+@contextmanager
+def counting_s3(weed: str, base_port: int = 18333) -> Iterator[CountingS3]:
+    """Start ``weed mini`` on 127.0.0.1 with S3 metrics; stop it afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="embedjob-scale-s3-"))
+    key, secret = "scale", "scale-secret"
+    creds = root / "s3.json"
+    creds.write_text(json.dumps({"identities": [{
+        "name": "scale", "credentials": [{"accessKey": key, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    ports = {"master": base_port, "volume": base_port + 1, "filer": base_port + 2,
+             "s3": base_port + 3, "admin": base_port + 4, "webdav": base_port + 5}
+    (root / "data").mkdir()
+    cmd = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           f"-s3.config={creds}", f"-s3.metricsPort={base_port + 6}",
+           *(f"-{name}.port={port}" for name, port in ports.items())]
+    with open(root / "weed.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    server = CountingS3(
+        endpoint=endpoint, metrics=f"http://127.0.0.1:{base_port + 6}/metrics",
+        options={"aws_access_key_id": key, "aws_secret_access_key": secret,
+                 "aws_endpoint": endpoint, "aws_region": "us-east-1", "allow_http": "true"},
+        proc=proc)
+    try:
+        _wait(server)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait(server: CountingS3, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            server.filesystem().ls("/")
+            urllib.request.urlopen(server.metrics, timeout=2).read()
+            return
+        except Exception:  # noqa: BLE001 - not up yet, whatever the error
+            time.sleep(0.5)
+    raise RuntimeError(f"weed mini did not come up at {server.endpoint}")
+
+
+def upload(server: CountingS3, paths: list[Path], bucket: str, prefix: str) -> str:
+    """Copy local files to ``s3://bucket/prefix/``; returns that URI."""
+    fs = server.filesystem()
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    fs.put([str(p) for p in paths], f"{bucket}/{prefix}/")
+    return f"s3://{bucket}/{prefix}/"
+
+
+def mib(n: int) -> float:
+    return round(n / 2**20, 1)
+
+
+def record(name: str, summary: Any, sampler: ProcessSampler, files: int,
+           extra: dict[str, Any]) -> dict[str, Any]:
+    """One run's figures (the JSON record and the printed row)."""
+    role, largest = sampler.largest_worker
+    rows = summary.rows_read
+    return {
+        "run": name, "rows": rows, "files": files, "wall_s": summary.wall_s,
+        "rows_per_s": round(rows / summary.wall_s, 1) if summary.wall_s else 0.0,
+        "driver_peak_mib": mib(sampler.driver), "largest_worker_peak_mib": mib(largest),
+        "largest_worker": role,
+        "peak_mib_by_role": {k: mib(v) for k, v in sorted(sampler.roles.items())},
+        **extra,
+    }
