@@ -4,6 +4,11 @@ encoder (``--encoder tiny`` for the random-weight 2 x 64 model).
     .venv/bin/python benchmarks/scale_bench.py rows --rows 100000,1000000
     .venv/bin/python benchmarks/scale_bench.py files --files 2000,20000 --rows-per-file 10
     .venv/bin/python benchmarks/scale_bench.py bigfile --rows 2000000 --row-group-rows 65536
+    .venv/bin/python benchmarks/scale_bench.py shard --rows 1000000,10000000
+
+``shard``: the duplicate-id state alone (one ``IdShard`` in this process, no Ray): numpy
+bytes and RSS growth per row while scanning, the peak while resolving, and the former
+single registry's dict for comparison.
 
 ``rows``: short rows in files of ``--rows-per-file`` (10,000, the issue's 1e9-row shape);
 ``files``: many small files; ``bigfile``: one Parquet file of 64k-row row groups. Each run
@@ -30,8 +35,10 @@ from embedjob.bench.scale import (
     NoopEncodeActor,
     ProcessSampler,
     counting_s3,
+    dict_bytes_per_id,
     output_figures,
     record,
+    shard_bytes_per_row,
     upload,
     write_short_corpus,
 )
@@ -85,7 +92,7 @@ def show(r: dict) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("series", choices=["rows", "files", "bigfile"])
+    parser.add_argument("series", choices=["rows", "files", "bigfile", "shard"])
     parser.add_argument("--rows", default="100000,1000000")
     parser.add_argument("--rows-per-file", type=int, default=10_000)
     parser.add_argument("--files", default="2000,20000")
@@ -97,6 +104,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of the local Ray (default: the machine's)")
     args = parser.parse_args(argv)
+    if args.series == "shard":
+        return shard_series(args)
 
     import ray
 
@@ -122,6 +131,19 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"series": args.series, "store": args.store, "encoder": args.encoder,
                       "cpus": os.cpu_count(), "runs": results}))
+    return 0
+
+
+def shard_series(args) -> int:
+    runs = []
+    for rows in (int(float(x)) for x in args.rows.split(",")):
+        for string_ids in (False, True):
+            runs.append(shard_bytes_per_row(rows, string_ids=string_ids)
+                        | {"ids": "string" if string_ids else "int64"})
+            print(json.dumps(runs[-1]), flush=True)
+        runs.append({"rows": rows, "former_dict_registry_bytes_per_id": dict_bytes_per_id(rows)})
+        print(json.dumps(runs[-1]), flush=True)
+    print(json.dumps({"series": "shard", "runs": runs}))
     return 0
 
 

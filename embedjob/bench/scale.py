@@ -90,10 +90,11 @@ class NoopEncodeActor(EncodeActor):
 
 @dataclass
 class ProcessSampler:
-    """Peak resident memory (VmRSS) of the driver and of every Ray process, every
-    ``interval_s``, grouped by role: the Ray process title (``ray::IdShard``,
-    ``ray::MapBatches(read_units)``, ...; the method name cut off) or the daemon's name
-    (raylet, gcs_server). A worker reused for several roles counts for each it was seen in.
+    """Peak resident memory (VmRSS) of the driver and of every Ray process it started (its
+    descendants: the local Ray's daemons and workers), every ``interval_s``, grouped by role:
+    the Ray process title (``ray::IdShard``, ``ray::MapBatches(read_units)``, ...; the method
+    name cut off) or the daemon's name (raylet, gcs_server). A worker reused for several
+    roles counts for each it was seen in.
     """
 
     interval_s: float = 0.5
@@ -121,14 +122,19 @@ class ProcessSampler:
 
     def _sample(self) -> None:
         self.driver = max(self.driver, _vm_rss(os.getpid()))
-        for pid in _pids():
+        for pid in _descendants():
             role = _role(pid)
             if role:
                 self.roles[role] = max(self.roles.get(role, 0), _vm_rss(pid))
 
 
-def _pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+def _descendants() -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process().children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def _role(pid: int) -> str | None:
@@ -274,3 +280,47 @@ def record(name: str, summary: Any, sampler: ProcessSampler, files: int,
         "peak_mib_by_role": {k: mib(v) for k, v in sorted(sampler.roles.items())},
         **extra,
     }
+
+
+# ---------------------------------------------------------------- bytes per id
+
+
+def shard_bytes_per_row(rows: int, *, string_ids: bool, duplicate_every: int = 10,
+                        chunk: int = 65536) -> dict[str, float]:
+    """One ``IdShard`` (in this process, no Ray) fed ``rows`` rows the way scan tasks feed it;
+    its numpy bytes and this process's RSS growth per row while scanning, the traced peak
+    while resolving, and after. Every ``duplicate_every``-th row repeats an earlier id."""
+    import tracemalloc
+
+    from embedjob.stages.dedupe import IdShard, id_keys
+
+    shard = IdShard([(0, "s")], keep_ids=False)
+    before = _vm_rss(os.getpid())
+    for start in range(0, rows, chunk):
+        n = np.arange(start, min(rows, start + chunk), dtype=np.int64)
+        values = np.where(n % duplicate_every == 0, n // 2, n)
+        ids = pa.array([f"doc-{v:012d}" for v in values.tolist()]) if string_ids \
+            else pa.array(values)
+        hi, lo = id_keys(ids)
+        shard.add(hi, lo, n.astype(np.uint64))
+    scanning = shard.nbytes()
+    grown = _vm_rss(os.getpid()) - before
+    tracemalloc.start()
+    parts = shard.resolve(np.zeros(1, np.int64), 1)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    shard.take_losers(parts[0])
+    return {"rows": rows, "numpy_bytes_per_row": scanning / rows,
+            "rss_bytes_per_row": grown / rows, "resolve_peak_bytes_per_row": peak / rows,
+            "after_bytes_per_row": shard.nbytes() / rows, "losers": len(parts[0])}
+
+
+def dict_bytes_per_id(rows: int) -> float:
+    """The former single registry's state: a dict id -> 64-bit row key, RSS growth per id."""
+    before = _vm_rss(os.getpid())
+    owner: dict[int, int] = {}
+    for i in range(rows):
+        owner.setdefault(i, (i * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))
+    grown = _vm_rss(os.getpid()) - before
+    del owner
+    return grown / rows

@@ -93,21 +93,25 @@ class IdShard:
         # only the sources this shard serves: source name -> index in the listing
         self._index = {name: i for i, name in sources}
         self._keep_ids = keep_ids
-        self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        # per column, so that resolve concatenates and frees them one column at a time
+        self._chunks: tuple[list[np.ndarray], ...] = ([], [], [])
         self._losers = np.zeros(0, np.uint64)
         self._ids = (np.zeros(0, np.uint64), np.zeros(0, np.uint32))
 
     def add(self, hi: np.ndarray, lo: np.ndarray, order: np.ndarray) -> None:
-        self._chunks.append((hi.copy(), lo.copy(), order.copy()))  # off the object store
+        for column, values in zip(self._chunks, (hi, lo, order), strict=True):
+            column.append(values.copy())  # off the object store
 
     def resolve(self, serving: np.ndarray, shards: int) -> tuple:
         """Decide the winners of this shard's ids; return the losers' order keys split by the
         shard serving their source (``serving[source_index]``), then (rows, distinct ids)."""
-        hi, lo, order = (_concat([c[k] for c in self._chunks], t)
-                         for k, t in enumerate((np.uint64, np.uint32, np.uint64)))
-        self._chunks = []
+        # peak: the 20 bytes per row, the 8-byte sort index and one gathered column
+        hi, lo, order = (_pop_concat(c, t) for c, t in
+                         zip(self._chunks, (np.uint64, np.uint32, np.uint64), strict=True))
         sort = np.lexsort((order, lo, hi))
-        hi, lo, order = hi[sort], lo[sort], order[sort]
+        hi = hi[sort]
+        lo = lo[sort]
+        order = order[sort]
         del sort
         same_id = (hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])
         first = np.concatenate([[True], ~same_id])[:len(order)]
@@ -158,8 +162,15 @@ class IdShard:
 
     def nbytes(self) -> int:
         """Bytes of numpy state held now (the benchmark's bytes per id)."""
-        chunks = sum(a.nbytes for c in self._chunks for a in c)
+        chunks = sum(a.nbytes for column in self._chunks for a in column)
         return chunks + self._losers.nbytes + self._ids[0].nbytes + self._ids[1].nbytes
+
+
+def _pop_concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    """Concatenate ``parts`` and empty the list (the chunks are freed right away)."""
+    out = _concat(parts, dtype)
+    parts.clear()
+    return out
 
 
 def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
