@@ -15,6 +15,7 @@ import lance
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import sentence_transformers as st
 
 from embedjob.errors import CheckpointError
 from embedjob.model import load_embedder, load_spec, matryoshka
@@ -24,7 +25,6 @@ from tests.pipeline_helpers import real_rows, to_table, vectors_by_id
 
 pytestmark = pytest.mark.pipeline
 
-st = pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed")
 
 
 def _embedjob() -> str:
@@ -90,7 +90,7 @@ def test_embed_with_a_named_prompt_equals_sentence_transformers(
 
     # read back as README shows: Ray Data, and LanceDB with the cosine metric
     assert ray_session.data.read_lance(str(out)).count() == len(rows)
-    lancedb = pytest.importorskip("lancedb")
+    import lancedb
     hits = (lancedb.connect(str(tmp_path)).open_table("out")
             .search(matryoshka(q[None], 16)[0], vector_column_name="vector_16")
             .distance_type("cosine").limit(3).to_arrow())

