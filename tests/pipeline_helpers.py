@@ -95,3 +95,14 @@ def interrupt(uri: str, keep, storage_options: dict | None = None) -> tuple[dict
                                                           last_run=None))
     lance.LanceDataset.commit(uri, transaction, storage_options=storage_options)
     return done, ranges
+
+
+def write_halves(path: Path, rows: list[dict]) -> None:
+    """The corpus at ``path`` (replacing its Parquet files) as two files, a.parquet and
+    b.parquet, each holding half of ``rows``."""
+    path.mkdir(exist_ok=True)
+    for old in path.glob("*.parquet"):
+        old.unlink()
+    half = len(rows) // 2
+    pq.write_table(to_table(rows[:half]), path / "a.parquet")
+    pq.write_table(to_table(rows[half:]), path / "b.parquet")

@@ -25,6 +25,7 @@ from tests.pipeline.test_resume import (
     _check_exactly_once,
     _command,
     _progress,
+    _start_until_a_unit_is_committed,
     _write_corpus,
 )
 
@@ -44,16 +45,9 @@ def test_signal_commits_releases_the_lease_and_the_rerun_resumes_at_once(
     # a long lease: a rerun that had to wait for it would time out below
     command = [*_command(s3_server, s3_prefix, golden_dir, summary), "--lease-ttl-s", "600"]
     with faults.injected(faults.ENCODE_DELAY_S, "0.3"):
-        first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        progress = None
-        while time.monotonic() < deadline and first.poll() is None:
-            progress = _progress(out, s3_server.storage_options)
-            if progress and progress["done"]:
-                break
-            time.sleep(0.1)
-        assert progress and progress["done"], "no commit recorded a finished unit in time"
+        first, progress = _start_until_a_unit_is_committed(
+            command, env, out, s3_server.storage_options,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert first.poll() is None, "the first run ended before the signal"
         first.send_signal(signum)
         signalled = time.monotonic()

@@ -22,7 +22,7 @@ from embedjob.driver.run import run
 from embedjob.errors import ConfigError
 from embedjob.ops.refresh import refresh
 from embedjob.table.info import format_info, table_info
-from tests.pipeline_helpers import interrupt, l2, real_rows, to_table
+from tests.pipeline_helpers import interrupt, l2, real_rows, to_table, write_halves
 
 pytestmark = pytest.mark.pipeline
 
@@ -46,15 +46,6 @@ def _int8_expected(vectors: np.ndarray, lo, hi) -> np.ndarray:
 def _ranges(uri: str) -> dict:
     record = json.loads(S.schema_metadata(lance.dataset(uri).schema)[S.INT8_CALIBRATION])
     return record
-
-
-def _write(path, rows):
-    path.mkdir(exist_ok=True)
-    for old in path.glob("*.parquet"):
-        old.unlink()
-    half = len(rows) // 2
-    pq.write_table(to_table(rows[:half]), path / "a.parquet")
-    pq.write_table(to_table(rows[half:]), path / "b.parquet")
 
 
 def _plant(uri: str, lo: float, hi: float) -> dict:
@@ -89,7 +80,7 @@ def _check_columns(table, record: dict, dims=(64, 32, 16)) -> None:
 def test_quantized_columns_equal_sign_bits_and_the_stamped_int8_formula(ray_session,
                                                                          golden_dir, tmp_path):
     corpus = tmp_path / "corpus"
-    _write(corpus, real_rows(30))
+    write_halves(corpus, real_rows(30))
     config = EmbedConfig(input=str(corpus), format="parquet", output=str(tmp_path / "o.lance"),
                          model=str(golden_dir), dims=(64, 32, 16), quantize=("int8", "binary"),
                          no_float_dims=(32,))
@@ -138,7 +129,7 @@ def test_resume_and_refresh_keep_the_stamped_calibration(ray_session, golden_dir
                                                                  tmp_path):
     corpus = tmp_path / "corpus"
     rows = real_rows(24)
-    _write(corpus, rows)
+    write_halves(corpus, rows)
     config = EmbedConfig(input=str(corpus), format="parquet", output=str(tmp_path / "o.lance"),
                          model=str(golden_dir), dims=(64, 16), quantize=("int8", "16:binary"))
     run(config)
@@ -160,7 +151,7 @@ def test_resume_and_refresh_keep_the_stamped_calibration(ray_session, golden_dir
     v2 = [dict(r) for r in rows]
     v2[3]["text"] += " (amended)"
     v2.append({"id": 100, "text": real_rows(1, offset=200)[0]["text"], "lang": "x"})
-    _write(corpus, v2)
+    write_halves(corpus, v2)
     summary = refresh(config)
     assert (summary.rows_changed, summary.rows_new) == (1, 1)
     assert _ranges(config.output) == planted

@@ -8,27 +8,17 @@ import json
 
 import lance
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from embedjob.config import EmbedConfig
 from embedjob.driver.run import run
 from embedjob.ops.refresh import refresh
 from embedjob.table.info import last_run_json
-from tests.pipeline_helpers import content_hash, real_rows, to_table, vectors_by_id
+from tests.pipeline_helpers import content_hash, real_rows, vectors_by_id, write_halves
 
 pytestmark = pytest.mark.pipeline
 TASK = "retrieval.passage"
 
-
-
-def _write(path, rows):
-    path.mkdir(exist_ok=True)
-    for old in path.glob("*.parquet"):
-        old.unlink()
-    half = len(rows) // 2
-    pq.write_table(to_table(rows[:half]), path / "a.parquet")
-    pq.write_table(to_table(rows[half:]), path / "b.parquet")
 
 
 def _table(uri):
@@ -40,7 +30,7 @@ def test_refresh_embeds_only_new_and_changed_rows_and_deletes_gone_ids(
 ):
     corpus = tmp_path / "corpus"
     v1 = real_rows(30)
-    _write(corpus, v1)
+    write_halves(corpus, v1)
     config = EmbedConfig(input=str(corpus), format="parquet", output=str(tmp_path / "o.lance"),
                          model=str(golden_dir), dims=(64, 16),
                          summary_json=str(tmp_path / "summary.json"))
@@ -55,7 +45,7 @@ def test_refresh_embeds_only_new_and_changed_rows_and_deletes_gone_ids(
             r["text"] = "   "                                         # now invalid: rejected
     v2 += [{"id": 100 + i, "text": t["text"], "lang": t["lang"]}      # 4 new
            for i, t in enumerate(real_rows(4, offset=300))]
-    _write(corpus, v2)
+    write_halves(corpus, v2)
     summary = refresh(config)
 
     assert (summary.rows_unchanged, summary.rows_changed, summary.rows_new,
@@ -87,11 +77,11 @@ def test_refresh_keep_deleted_and_stamp_change_reembeds_everything(
 ):
     corpus = tmp_path / "corpus"
     rows = real_rows(12, offset=100)
-    _write(corpus, rows)
+    write_halves(corpus, rows)
     config = EmbedConfig(input=str(corpus), format="parquet", output=str(tmp_path / "o.lance"),
                          model=str(golden_dir))
     run(config)
-    _write(corpus, rows[:10])
+    write_halves(corpus, rows[:10])
     kept = refresh(dataclasses.replace(config, keep_deleted=True))
     assert (kept.rows_deleted, kept.rows_unchanged) == (0, 10)
     assert lance.dataset(config.output).count_rows() == 12

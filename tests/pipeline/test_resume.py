@@ -63,6 +63,22 @@ def _progress(uri: str, options: dict) -> dict | None:
     return None if record is None else {"done": record.done, "complete": record.complete}
 
 
+def _start_until_a_unit_is_committed(command: list[str], env: dict, out: str, options: dict,
+                                     **popen: object) -> tuple[subprocess.Popen, dict]:
+    """Start the driver ``command``; once a commit of ``out`` recorded a finished unit
+    (within 120 s), the process and that progress record."""
+    first = subprocess.Popen(command, env=env, **popen)
+    deadline = time.monotonic() + 120
+    progress = None
+    while time.monotonic() < deadline and first.poll() is None:
+        progress = _progress(out, options)
+        if progress and progress["done"]:
+            break
+        time.sleep(0.1)
+    assert progress and progress["done"], "no commit recorded a finished unit in time"
+    return first, progress
+
+
 def _command(s3_server, prefix: str, golden_dir, summary: Path) -> list[str]:
     # the embedjob CLI with the fault-injecting encode actor (its delay hook)
     return [sys.executable, "-m", "tests.faults.driver", "embed",
@@ -101,16 +117,9 @@ def test_sigkill_driver_after_a_commit_then_rerun_resumes_exactly_once(
     summary = tmp_path / "summary.json"
     command = _command(s3_server, s3_prefix, golden_dir, summary)
     with faults.injected(faults.ENCODE_DELAY_S, "0.3"):
-        first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        progress = None
-        while time.monotonic() < deadline and first.poll() is None:
-            progress = _progress(out, s3_server.storage_options)
-            if progress and progress["done"]:
-                break
-            time.sleep(0.1)
-        assert progress and progress["done"], "no commit recorded a finished unit in time"
+        first, _ = _start_until_a_unit_is_committed(
+            command, env, out, s3_server.storage_options,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(random.Random().uniform(0, 0.6))  # a random point after that commit
         assert first.poll() is None, "the first run ended before it could be killed"
         first.send_signal(signal.SIGKILL)
