@@ -235,7 +235,7 @@ def figures(timed: Timed, cfg: Settings, params: int | None, peak: float | None,
     tokens = int(lengths.sum())
     out: dict[str, Any] = {
         "windows": len(timed.windows), "rows": int(len(lengths)), "tokens": tokens,
-        "wall_s": round(timed.wall_s, 3), "tokens_per_s": round(tokens / timed.wall_s, 1),
+        "wall_s": round(timed.wall_s, 6), "tokens_per_s": round(tokens / timed.wall_s, 1),
     }
     if packed is not None:
         batches = [b for w in timed.windows for b in w.batches(packed)]
