@@ -49,7 +49,7 @@ class Summary(Counts):
     def line(self) -> str:
         return (
             f"embedded {self.rows_embedded}/{self.rows_read} rows "
-            f"({self.rows_rejected} rejected ({self.rows_duplicate} duplicate ids), "
+            f"({self.rows_rejected} rejected, {self.rows_duplicate} of them duplicate ids, "
             f"{self.rows_truncated} truncated, "
             f"{self.rows_unchanged} unchanged, {self.rows_deleted} deleted), "
             f"{self.tokens} tokens, padding efficiency {self.padding_efficiency:.3f}, "

@@ -40,7 +40,8 @@ def test_cli_embeds_from_s3_and_never_prints_the_secret(
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "embedded 6/6 rows (0 rejected, 0 truncated, 0 unchanged, 0 deleted)" in proc.stdout
+    assert ("embedded 6/6 rows (0 rejected, 0 of them duplicate ids, 0 truncated, 0 unchanged, "
+            "0 deleted)") in proc.stdout
     assert "lance.dataset(" in proc.stdout  # tells the user how to read the table
     summary = json.loads(summary_path.read_text())
     dataset = lance.dataset(out, storage_options=s3_server.storage_options)
