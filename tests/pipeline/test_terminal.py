@@ -80,8 +80,9 @@ def test_embed_under_a_terminal_is_short_and_quiet(tmp_path, golden_dir) -> None
     summaries = [line for line in screen if line.startswith("embedded ")]
     assert len(summaries) == 1
     assert summaries[0].startswith(f"embedded {ROWS - BLANK}/{ROWS} rows ({BLANK} rejected")
+    # one commit, one version: the progress record and the summary ride in that commit
     assert summaries[0].endswith("1 data commits -> " + str(tmp_path / "out.lance")
-                                 + " (version 3)")
+                                 + " (version 1)")
     rejected = tmp_path / "out.rejected.lance"
     assert f"rejected: {BLANK} rows, with their reasons, in {rejected} (embedjob rejected " \
            f"{tmp_path / 'out.lance'})" in screen
