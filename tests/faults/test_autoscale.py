@@ -20,7 +20,9 @@ from tests.faults import hooks as faults
 from tests.faults.hooks import FaultyEncodeActor
 from tests.pipeline_helpers import vectors_by_id, write_parts
 
-pytestmark = [pytest.mark.pipeline, pytest.mark.faults]
+# slow: a minute or more on 2 cores (up to ~7 min under load), and timing-bound by nature;
+# `--num-actors MIN:MAX` parsing and the manifests are checked in the default suite
+pytestmark = [pytest.mark.pipeline, pytest.mark.faults, pytest.mark.slow]
 
 
 def _encode_actors(exclude: set[str]) -> dict[str, str]:
