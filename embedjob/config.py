@@ -23,6 +23,8 @@ from embedjob.errors import ConfigError, did_you_mean
 Format = Literal["parquet", "jsonl", "csv", "lance"]
 FORMATS: tuple[str, ...] = ("parquet", "jsonl", "csv", "lance")
 MODES: tuple[str, ...] = ("create", "overwrite", "append")
+CHUNKINGS: tuple[str, ...] = ("none", "late", "split")
+CHUNK_BOUNDARIES: tuple[str, ...] = ("tokens", "sentences")
 VECTOR_DTYPES = S.VECTOR_DTYPES
 # file suffix -> format, for inference when --format is omitted
 SUFFIX_FORMATS: dict[str, str] = {
@@ -163,6 +165,26 @@ class EmbedConfig:
     no_float_dims: tuple[int, ...] = knob(
         (), commands=ALL, metavar="D,D,...",
         help="stored dims kept only quantized (no float column); each must be quantized")
+    chunking: Literal["none", "late", "split"] = knob(
+        "none", commands=(EMBED,),
+        help="long documents into a chunk table (one row per chunk): late = one forward per "
+             "document (macro-windows past the model's context), each chunk the mean of its "
+             "span's token states; split = each chunk embedded alone; none = one vector per "
+             "row")
+    chunk_tokens: int = knob(256, commands=(EMBED,),
+                             help="most text tokens per chunk (--chunking late|split)")
+    chunk_overlap: int = knob(0, commands=(EMBED,),
+                              help="text tokens a chunk shares with the one before it "
+                                   "(< --chunk-tokens)")
+    chunk_boundaries: Literal["tokens", "sentences"] = knob(
+        "tokens", commands=(EMBED,),
+        help="where chunks are cut: every --chunk-tokens tokens, or whole sentences packed up "
+             "to --chunk-tokens (after . ! ? and a space, after 。！？ without one, at line "
+             "breaks; a longer sentence is cut on token boundaries)")
+    chunk_window_tokens: int | None = knob(
+        None, commands=(EMBED,),
+        help="--chunking late: tokens per forward (macro-window), special tokens and prefix "
+             "included (default: the model's context)")
     compile: bool = knob(False, commands=RUNS,
                          help="torch.compile the encoder (see BENCHMARKS.md for when it pays)")
     mode: Literal["create", "overwrite", "append"] = knob(
@@ -253,12 +275,32 @@ class EmbedConfig:
         _require(len(set(self.dims)) == len(self.dims), "dims", self.dims, "distinct values")
         for entry in self.quantize:
             _parse_quantize(entry)
+        self._check_chunking()
         _require(self.id_column != self.text_column, "id_column", self.id_column,
                  f"a column other than --text-column {self.text_column!r}")
         reserved = set(S.OUTPUT_COLUMNS) | {self.id_column}
         clash = [c for c in self.keep_columns if c in reserved or S.is_vector_column(c)]
         _require(not clash, "keep_columns", list(self.keep_columns),
                  f"columns not named like output columns {sorted(S.OUTPUT_COLUMNS)}")
+
+    def _check_chunking(self) -> None:
+        """The chunking knobs, alone and together (model-dependent checks: preflight)."""
+        _require(self.chunking in CHUNKINGS, "chunking", self.chunking, CHUNKINGS)
+        _require(self.chunk_boundaries in CHUNK_BOUNDARIES, "chunk_boundaries",
+                 self.chunk_boundaries, CHUNK_BOUNDARIES)
+        _require(_is_int(self.chunk_tokens) and self.chunk_tokens >= 1, "chunk_tokens",
+                 self.chunk_tokens, "an integer >= 1")
+        _require(_is_int(self.chunk_overlap) and 0 <= self.chunk_overlap < self.chunk_tokens,
+                 "chunk_overlap", self.chunk_overlap,
+                 f"an integer >= 0 and < --chunk-tokens {self.chunk_tokens}")
+        window = self.chunk_window_tokens
+        _require(window is None or (_is_int(window) and window >= 3), "chunk_window_tokens",
+                 window, "an integer >= 3 or None")
+
+    @property
+    def chunked(self) -> bool:
+        """The output is a chunk table (``--chunking late|split``)."""
+        return self.chunking != "none"
 
     @property
     def input_format(self) -> str:

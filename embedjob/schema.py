@@ -26,6 +26,11 @@ CHANGED = "_changed"  # refresh: the id exists in the output with another conten
 INPUT_IDS = "input_ids"  # list<int32> token ids, prefix and special tokens included
 BATCH = "_batch"  # the forward a row belongs to (bucket stage); -1 for rows not encoded
 PROCESSED_TOKENS = "_processed_tokens"  # tokens the encoder processed for the row (padding)
+# chunk tables (--chunking late|split): what the tokenize stage adds per chunk or window
+CHUNKS = "_chunks"  # late: list<struct> of the chunks pooled from a window row (CHUNK_STRUCT)
+COUNTED_TOKENS = "_counted_tokens"  # tokens the summary counts for the row (a chunk table's)
+DOC_SHARE = "_doc_share"  # the row's share of its document, DOC_WEIGHT per document
+DOC_WEIGHT = 1 << 20  # shares per document: a unit is committed when all its shares are
 
 
 class Status(enum.IntEnum):
@@ -56,7 +61,7 @@ SOURCE_ROW = "source_row"
 OUTPUT_COLUMNS: tuple[str, ...] = (VECTOR, N_TOKENS, TRUNCATED, CONTENT_HASH, SOURCE_FILE,
                                    SOURCE_ROW)
 # output column -> the internal column it is written from
-LINEAGE: dict[str, str] = {OUT_ID: ID, SOURCE_FILE: SOURCE, SOURCE_ROW: ROW}
+LINEAGE: dict[str, str] = {OUT_ID: ID, SOURCE_FILE: SOURCE, SOURCE_ROW: ROW, "doc_id": ID}
 VectorDtype = Literal["float32", "float16"]
 VECTOR_DTYPES: tuple[str, ...] = ("float32", "float16")
 
@@ -156,6 +161,37 @@ def output_schema(id_type: pa.DataType, full_dim: int, dims: tuple[int, ...],
     ], metadata=dict(metadata))
 
 
+# --- the chunk table (--chunking late|split): one row per chunk of a document -------------
+
+DOC_ID = "doc_id"  # the document's id (the input's id column)
+CHUNK = "chunk"  # int32: the chunk's index in its document, from 0
+CHAR_START, CHAR_END = "char_start", "char_end"  # int64: text[char_start:char_end] is the chunk
+TOKEN_START, TOKEN_END = "token_start", "token_end"  # int32: its span in the text's tokens
+CHUNK_COLUMNS: tuple[str, ...] = (CHUNK, CHAR_START, CHAR_END, TOKEN_START, TOKEN_END)
+POOL_START, POOL_END = "pool_start", "pool_end"  # late: the positions pooled in the window
+CHUNK_STRUCT = pa.struct([pa.field(CHUNK, pa.int32()), pa.field(CHAR_START, pa.int64()),
+                          pa.field(CHAR_END, pa.int64()), pa.field(TOKEN_START, pa.int32()),
+                          pa.field(TOKEN_END, pa.int32()), pa.field(N_TOKENS, pa.int32()),
+                          pa.field(POOL_START, pa.int32()), pa.field(POOL_END, pa.int32()),
+                          pa.field(COUNTED_TOKENS, pa.int64()),
+                          pa.field(DOC_SHARE, pa.int64())])
+
+
+def chunk_schema(output: pa.Schema) -> pa.Schema:
+    """The chunk table's schema from the output schema of the same run: ``id`` becomes
+    ``doc_id`` followed by the chunk's index and spans; no ``truncated`` (nothing is cut)."""
+    fields = [pa.field(DOC_ID, output.field(OUT_ID).type),
+              pa.field(CHUNK, pa.int32()), pa.field(CHAR_START, pa.int64()),
+              pa.field(CHAR_END, pa.int64()), pa.field(TOKEN_START, pa.int32()),
+              pa.field(TOKEN_END, pa.int32())]
+    fields += [f for f in output if f.name not in (OUT_ID, TRUNCATED)]
+    return pa.schema(fields, metadata=output.metadata)
+
+
+def is_chunk_table(schema: pa.Schema) -> bool:
+    return DOC_ID in schema.names and CHUNK in schema.names
+
+
 # --- the rejected table -------------------------------------------------------------------
 
 REJECTED_SCHEMA = pa.schema([
@@ -187,6 +223,8 @@ LIMIT = "embedjob.limit"  # --limit N: the table holds only the first N input ro
 LICENSE = "embedjob.license"  # the model's licence (model card front matter / config)
 # Only when --allow-any-dims stored dims the model does not declare: JSON [dims]
 UNDECLARED_DIMS = "embedjob.undeclared_dims"
+# Only in chunk tables: JSON {mode, tokens, overlap, boundaries, window_tokens, pooled}
+CHUNKING = "embedjob.chunking"
 # Only in tables with quantized columns (so older tables' stamps still match):
 QUANTIZE = "embedjob.quantize"  # JSON {dim: [dtypes]}
 FLOAT_DIMS = "embedjob.float_dims"  # JSON [dims that keep their float column]
@@ -194,7 +232,7 @@ INT8_CALIBRATION = "embedjob.int8_calibration"  # JSON {rows, formula, ranges {d
 # Keys that must match for old and new vectors to live in one table (refresh). The int8
 # ranges are not among them: a refresh reuses the table's.
 COMPATIBILITY_KEYS: tuple[str, ...] = (WEIGHTS_HASH, TASK, INSTRUCTION, DIMS, VECTOR_DTYPE,
-                                       QUANTIZE, FLOAT_DIMS)
+                                       QUANTIZE, FLOAT_DIMS, CHUNKING)
 # Table metadata (not schema metadata): the progress record and the last run's summary.
 PROGRESS_KEY = "embedjob.progress"  # (older tables; now in the transaction properties)
 LAST_RUN_KEY = "embedjob.last_run"  # also the last commit's transaction property
@@ -239,6 +277,7 @@ class Counts:
     rows_unchanged: int = 0
     rows_changed: int = 0
     rows_truncated: int = 0
+    chunks_embedded: int = 0  # chunk tables: chunk rows written (rows_embedded: documents)
     tokens: int = 0  # real tokens embedded (prefix and special tokens included)
     processed_tokens: int = 0  # tokens the encoder processed (padding included)
 

@@ -213,6 +213,57 @@ class TextTokenizer:
             raise BugError("the tokenizer returned no row for some texts")
         return Tokenized(ids=ids, truncated=truncated)  # type: ignore[arg-type]
 
+    def tokenize_documents(self, texts: Sequence[str],
+                           task: str | None = None) -> list[DocumentTokens]:
+        """Whole documents for chunking: untruncated, with each text token's offsets.
+
+        Args:
+            texts: Raw texts (no prefix).
+            task: Task whose instruction prefix is prepended; None for no prefix.
+        """
+        return _document_tokens(self._tok, self.spec.prefix(task), texts) if texts else []
+
+
+@dataclass(frozen=True)
+class DocumentTokens:
+    """A whole document's tokens, untruncated, split as ``lead + text + trail``.
+
+    Attributes:
+        lead: int32 ids before the text: the leading special token and the prefix.
+        text: int32 ids of the text's own characters.
+        trail: int32 ids after the text (the closing special token).
+        offsets: int64 [len(text), 2] character (start, end) of each text token in the text.
+    """
+
+    lead: np.ndarray
+    text: np.ndarray
+    trail: np.ndarray
+    offsets: np.ndarray
+
+
+def split_document(ids: Sequence[int], offsets: Sequence[tuple[int, int]],
+                   special: Sequence[int], prefix_len: int) -> DocumentTokens:
+    """Split ``<s> prefix+text </s>`` token ids by their offsets into the joined string: a
+    text token is a non-special token ending past the prefix (one straddling the prefix's
+    end, such as a word piece holding the prefix's last space, counts as text)."""
+    ids = np.asarray(ids, np.int32)
+    spans = np.asarray(offsets, np.int64).reshape(-1, 2)
+    is_text = (np.asarray(special) == 0) & (spans[:, 1] > prefix_len)
+    where = np.flatnonzero(is_text)
+    first, last = (int(where[0]), int(where[-1]) + 1) if len(where) else (len(ids) - 1,) * 2
+    text_offsets = np.maximum(spans[first:last] - prefix_len, 0)
+    return DocumentTokens(lead=ids[:first], text=ids[first:last], trail=ids[last:],
+                          offsets=text_offsets)
+
+
+def _document_tokens(tok: Any, prefix: str, texts: Sequence[str]) -> list[DocumentTokens]:
+    enc = tok([prefix + t for t in texts], add_special_tokens=True, truncation=False,
+              return_offsets_mapping=True, return_special_tokens_mask=True,
+              return_attention_mask=False, return_token_type_ids=False, verbose=False)
+    return [split_document(ids, offsets, special, len(prefix)) for ids, offsets, special in
+            zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"],
+                strict=True)]
+
 
 def load_spec(source: str, *, filesystem: Any = None) -> ModelSpec:
     """Read a model's spec from config and tokenizer files only (no weights downloaded).
