@@ -279,6 +279,55 @@ class Embedder:
             host = pooled.cpu()  # the one wait for the device
         return [x.numpy() for x in torch.split(host, [len(ids) for ids in batches])]
 
+    def encode_spans(self, ids: Sequence[np.ndarray], spans: Sequence[Sequence[tuple[int, int]]],
+                     *, task: str | None = None) -> list[np.ndarray]:
+        """Late chunking: one padded forward over the rows, then each span's mean.
+
+        For row i and each span ``[start, end)`` of ``spans[i]`` (positions in that row,
+        special tokens and prefix counted), the vector is the fp32 mean of the row's final
+        token states over the span, through the model's Dense / Normalize modules if any,
+        then L2-normalised. Every token of the row is in the forward (each span sees the
+        whole row); which of them a span pools is the caller's choice (``stages.chunks``).
+
+        Args:
+            ids: One 1-D int token-id array per row (at most ``max_tokens`` each).
+            spans: Per row, the spans to pool (non-empty, inside the row).
+            task: One task for every row (None: no adapter).
+
+        Returns:
+            One float32 [len(spans[i]), hidden_size] array per row.
+
+        Raises:
+            ValueError: The model does not pool by mean, or a span is empty or outside its row.
+        """
+        if self.spec.pooling != "mean":
+            raise ValueError(f"late chunking pools spans by mean; {self.spec.source} pools by "
+                             f"{self.spec.pooling!r}")
+        self._row_tasks(ids, task, None)
+        for x, row in zip(ids, spans, strict=True):
+            if any(not 0 <= a < b <= len(x) for a, b in row):
+                raise ValueError(f"spans {list(row)} not inside a row of {len(x)} tokens")
+        with torch.inference_mode(), self._adapters([task] * len(ids)) as extra:
+            hidden = self._states_padded(ids, extra)  # [n, L, H] fp32
+            means = [hidden[i, a:b].mean(dim=0) for i, row in enumerate(spans) for a, b in row]
+            if not means:
+                return [np.zeros((0, self.hidden_size), np.float32) for _ in ids]
+            pooled = self._finish(torch.stack(means)).cpu()  # [spans, H]
+        return [x.numpy() for x in torch.split(pooled, [len(row) for row in spans])]
+
+    def _states_padded(self, ids: Sequence[np.ndarray], extra: dict[str, Any]) -> torch.Tensor:
+        """The final token states of one right-padded forward: fp32 [n, longest, H]."""
+        lengths = np.array([len(x) for x in ids])
+        longest = int(lengths.max())
+        host = np.full((2, len(ids), longest), self.pad_id, dtype=np.int64)  # ids, mask
+        for i, x in enumerate(ids):
+            host[0, i, : len(x)] = x
+        host[1] = np.arange(longest)[None, :] < lengths[:, None]
+        input_ids, mask = self._to_device(host)  # [n, L] each
+        out = self._call_model(extra, input_ids=input_ids,
+                               attention_mask=None if lengths.min() == longest else mask)
+        return out.last_hidden_state.float()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                 tasks: Sequence[str | None], **model_kwargs: Any) -> Any:
         """One model forward with an adapter per row (None: no adapter); HF model output.
