@@ -279,6 +279,8 @@ class EmbedConfig:
         _require(self.id_column != self.text_column, "id_column", self.id_column,
                  f"a column other than --text-column {self.text_column!r}")
         reserved = set(S.OUTPUT_COLUMNS) | {self.id_column}
+        if self.chunked:
+            reserved |= {S.DOC_ID, *S.CHUNK_COLUMNS}
         clash = [c for c in self.keep_columns if c in reserved or S.is_vector_column(c)]
         _require(not clash, "keep_columns", list(self.keep_columns),
                  f"columns not named like output columns {sorted(S.OUTPUT_COLUMNS)}")

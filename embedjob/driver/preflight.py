@@ -23,6 +23,7 @@ from embedjob.errors import ConfigError, InputError, OutputExistsError, Unsuppor
 from embedjob.model import ModelSpec, load_spec
 from embedjob.stages import read
 from embedjob.stages.bucket import BucketSpec
+from embedjob.stages.chunks import ChunkSpec
 from embedjob.stages.encode import EncodeSpec
 from embedjob.stages.tokens import TokenizeSpec
 from embedjob.stages.write import WriteSpec
@@ -78,6 +79,7 @@ def plan_run(config: EmbedConfig) -> RunPlan:
             f"(looked for names ending in {list(read.SUFFIXES[fmt])})"
         )
     spec, task, dims = model_plan(config, storage)
+    chunking = chunk_plan(config, spec, task)
     quantize, float_dims = quantize_plan(config, dims)
     read_spec, keep_fields = read_spec_for(config, fmt, inputs, storage)
     units = read.plan_units(inputs, config.read_unit_bytes)
@@ -93,15 +95,19 @@ def plan_run(config: EmbedConfig) -> RunPlan:
     if quantize:  # (only then: older runs' keys stay valid)
         settings |= {"quantize": {str(d): f for d, f in quantize.items()},
                      "float_dims": float_dims}
+    if chunking is not None:  # (only then: older runs' keys stay valid)
+        settings["chunking"] = dataclasses.asdict(chunking)
     key = run_key(settings)
     fingerprints = {i.uri: i.fingerprint for i in inputs}
     resumed = _resumable(config, storage, key, fingerprints)
     recreate_output = resumed is None and _check_output(config, storage)
     appending = config.mode == "append" or resumed is not None
     recreate_rejected = not appending or not storage.lance_exists(config.rejected_uri)
-    stamp = _stamp(config, spec, task, dims)
+    stamp = _stamp(config, spec, task, dims) | _chunk_stamp(chunking)
     schema = S.output_schema(read_spec.id_type, spec.hidden_size, dims, config.vector_dtype,
                              keep_fields, stamp, quantize, float_dims)
+    if chunking is not None:
+        schema = S.chunk_schema(schema)
     held, ours = _existing_columns(config, storage), _columns(schema)
     if not recreate_output and held != ours:
         raise ConfigError(
@@ -115,14 +121,15 @@ def plan_run(config: EmbedConfig) -> RunPlan:
         dims=dims, quantize=quantize, float_dims=float_dims, schema=schema,
         recreate_output=recreate_output,
         recreate_rejected=recreate_rejected, read=read_spec,
-        tokenize=TokenizeSpec(model=spec, task=task, storage=storage),
+        tokenize=TokenizeSpec(model=spec, task=task, storage=storage, chunking=chunking),
         bucket=BucketSpec(max_tokens=config.max_tokens_per_batch, padded=not config.packed,
                           overhead_tokens=config.overhead_tokens),
         encode=EncodeSpec(model=config.model, task=task, dims=dims,
                           vector_dtype=config.vector_dtype, packed=config.packed,
                           compile=config.compile, use_gpu=config.gpus_per_actor > 0,
                           cpu_threads=int(config.cpus_per_actor), storage=storage,
-                          quantize=quantize, float_dims=float_dims),
+                          quantize=quantize, float_dims=float_dims,
+                          chunking=config.chunking),
         write=WriteSpec(output=config.output, rejected_output=config.rejected_uri,
                         schema=schema, storage=storage,
                         replace_schema=recreate_output and held is not None and held != ours),
@@ -225,6 +232,51 @@ def model_plan(
         if not (config.allow_any_dims and 1 <= dim <= spec.hidden_size):
             _check_dim(spec, dim)
     return spec, task, (spec.hidden_size, *(d for d in config.dims if d != spec.hidden_size))
+
+
+def chunk_plan(config: EmbedConfig, spec: ModelSpec, task: str | None) -> ChunkSpec | None:
+    """The chunking settings checked against the model (reads only its tokenizer); None for
+    ``--chunking none``.
+
+    Raises:
+        ConfigError: ``late`` with a model that does not pool by mean or with ``--packed``;
+            a window over the model's context; a chunk that does not fit in one forward.
+    """
+    if not config.chunked:
+        return None
+    if config.chunking == "late" and spec.pooling != "mean":
+        raise ConfigError(f"--chunking late pools each chunk by the mean of its token states; "
+                          f"--model {config.model!r} pools by {spec.pooling!r}; expected a "
+                          "model with 'mean' pooling, or --chunking one of ['none', 'split']")
+    if config.chunking == "late" and config.packed:
+        raise ConfigError("--packed is not available with --chunking late (windows run as "
+                          "padded forwards); expected --chunking one of ['none', 'split']")
+    window = config.chunk_window_tokens or spec.max_tokens
+    if window > spec.max_tokens:
+        raise ConfigError(f"--chunk-window-tokens {window} is not allowed; expected at most "
+                          f"the model's context, {spec.max_tokens} tokens")
+    doc = spec.tokenizer().tokenize_documents(["x"], task)[0]
+    extra = len(doc.lead) + len(doc.trail)  # special tokens and prefix in every forward
+    room = (window if config.chunking == "late" else spec.max_tokens) - extra
+    if config.chunk_tokens > room:
+        raise ConfigError(f"--chunk-tokens {config.chunk_tokens} is not allowed; expected at "
+                          f"most {room} (a forward of {room + extra} tokens less {extra} "
+                          "special and prefix tokens)")
+    return ChunkSpec(mode=config.chunking, tokens=config.chunk_tokens,
+                     overlap=config.chunk_overlap, boundaries=config.chunk_boundaries,
+                     window=window)
+
+
+def _chunk_stamp(chunking: ChunkSpec | None) -> dict[str, str]:
+    """The chunk table's stamp (none for other tables)."""
+    if chunking is None:
+        return {}
+    settings = dataclasses.asdict(chunking) | {
+        "pooled": "late: mean of the span's token states from one forward per window; the "
+                  "first chunk also pools the leading special token and prefix, the last "
+                  "the closing special token; split: each chunk embedded alone as "
+                  "lead + chunk tokens + trail"}
+    return {S.CHUNKING: json.dumps(settings)}
 
 
 def quantize_plan(

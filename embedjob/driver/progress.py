@@ -190,6 +190,7 @@ class UnitLedger:
     pending: Counter = field(default_factory=Counter)
     committed: Counter = field(default_factory=Counter)
     read: dict[str, tuple[int, tuple[int, int] | None]] = field(default_factory=dict)
+    row_weight: int = 1  # what one input row counts for (a chunk table: schema.DOC_WEIGHT)
 
     def add(self, units: list[str], rows: list[int]) -> None:
         self.pending.update(dict(zip(units, rows, strict=True)))
@@ -208,7 +209,7 @@ class UnitLedger:
         self.read.update({u: v for u, v in read.items() if u not in self.done})  # retried reads
         return {u: (self.fingerprints[unit_file(u)], key_range)
                 for u, (total, key_range) in self.read.items()
-                if self.committed[u] + self.pending[u] == total}
+                if self.committed[u] + self.pending[u] == total * self.row_weight}
 
     def finished(self, units: Mapping[str, tuple[str, tuple[int, int] | None]]) -> None:
         """The commit succeeded: pending rows are committed, ``units`` are done."""

@@ -217,7 +217,8 @@ def _committer(plan: RunPlan, started: float) -> Committer:
     done = dict(plan.resumed.done) if plan.resumed else {}
     ranges = dict(plan.resumed.ranges) if plan.resumed else {}
     return Committer(
-        ledger=progress.UnitLedger(fingerprints=plan.fingerprints, done=done, ranges=ranges),
+        ledger=progress.UnitLedger(fingerprints=plan.fingerprints, done=done, ranges=ranges,
+                                   row_weight=S.DOC_WEIGHT if cfg.chunked else 1),
         tracker=progress.ReadTracker.remote(),
         run_key=plan.run_key,
         first=plan.resumed is None,

@@ -196,3 +196,30 @@ def late_pools(spans: list[Span], windows: list[tuple[int, int]], n: int, lead: 
             end = lead + (we - ws) + trail
         pools.append(Pooled(w, start, end))
     return pools
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkSpec:
+    """How the tokenize stage cuts documents into chunks; pickled to every task.
+
+    Attributes:
+        mode: ``late`` (window rows, chunks pooled by the encode stage) or ``split`` (one
+            row per chunk, embedded alone).
+        tokens: Most text tokens per chunk.
+        overlap: Text tokens a chunk shares with the one before.
+        boundaries: ``tokens`` or ``sentences``.
+        window: Late: most tokens per forward (lead and trail included).
+    """
+
+    mode: str
+    tokens: int
+    overlap: int
+    boundaries: str
+    window: int
+
+
+def shares(n: int, weight: int) -> list[int]:
+    """``n`` positive integer shares of ``weight`` that sum to it exactly (n <= weight)."""
+    if not 1 <= n <= weight:
+        raise ValueError(f"{n} chunks do not fit {weight} shares")
+    return [weight * (i + 1) // n - weight * i // n for i in range(n)]

@@ -57,6 +57,7 @@ class EncodeSpec:
         quantize: Dim -> the quantized forms stored for it (``int8``, ``binary``).
         float_dims: Dims whose float column is stored (None: every dim).
         int8_ranges: Dim -> the stamped per-dim calibration range (lo, hi), each [dim].
+        chunking: ``late``: window rows, one output row per chunk (``stages.late``).
     """
 
     model: str
@@ -71,6 +72,7 @@ class EncodeSpec:
     quantize: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
     float_dims: tuple[int, ...] | None = None
     int8_ranges: Mapping[int, tuple[list[float], list[float]]] = field(default_factory=dict)
+    chunking: str = "none"
 
 
 class EncodeActor:
@@ -99,6 +101,10 @@ class EncodeActor:
                     time.perf_counter() - started)
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        if self.spec.chunking == "late":  # one row per chunk out, not per row
+            from embedjob.stages import late
+
+            return late.encode_block(self, table)
         started = time.perf_counter()
         n = table.num_rows
         vectors = np.zeros((n, self.embedder.hidden_size), np.float32)

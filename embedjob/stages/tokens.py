@@ -17,6 +17,7 @@ from embedjob import schema as S
 from embedjob.model.spec import ModelSpec, TextTokenizer
 from embedjob.schema import Status
 from embedjob.stages import check
+from embedjob.stages.chunks import ChunkSpec
 from embedjob.stages.dedupe import DuplicateIndex
 from embedjob.storage import Storage
 
@@ -32,6 +33,7 @@ class TokenizeSpec:
         lookup: A refresh's view of the output: rows it holds unchanged are skipped.
         duplicates: The run's duplicate-id shards (None: ids are not checked, as with
             ``assume_unique_ids``).
+        chunking: Cut documents into chunk rows (``stages.chunk_rows``); None: one row each.
     """
 
     model: ModelSpec
@@ -39,6 +41,7 @@ class TokenizeSpec:
     storage: Storage = field(default_factory=Storage)
     lookup: check.OutputLookup | None = None
     duplicates: DuplicateIndex | None = None
+    chunking: ChunkSpec | None = None
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,6 +76,8 @@ def tokenize_batch(table: pa.Table, *, spec: TokenizeSpec) -> pa.Table:
     if spec.lookup is not None:
         changed = spec.lookup.mark(table.column(S.ID).to_pylist(), hashes, statuses)
     todo = [i for i, s in enumerate(statuses) if s == Status.EMBED]
+    if spec.chunking is not None:
+        return _chunked(table, statuses, reasons, hashes, changed, texts, todo, spec)
     ids: list[np.ndarray | None] = [None] * n
     n_tokens = np.zeros(n, np.int32)
     truncated = np.zeros(n, bool)
@@ -93,6 +98,21 @@ def tokenize_batch(table: pa.Table, *, spec: TokenizeSpec) -> pa.Table:
         .append_column(S.CONTENT_HASH, pa.array(hashes, pa.string()))
         .append_column(S.CHANGED, pa.array(changed, pa.bool_()))
     )
+
+
+def _chunked(table: pa.Table, statuses: list, reasons: list, hashes: list, changed: list,
+             texts: list, todo: list[int], spec: TokenizeSpec) -> pa.Table:
+    """The chunk rows of a batch (``stages.chunk_rows``)."""
+    from embedjob.stages.chunk_rows import chunk_table
+
+    base = (table.drop_columns([S.TEXT, S.REASON])
+            .append_column(S.STATUS, S.status_array(statuses))
+            .append_column(S.REASON, pa.array(reasons, pa.string()))
+            .append_column(S.CONTENT_HASH, pa.array(hashes, pa.string()))
+            .append_column(S.CHANGED, pa.array(changed, pa.bool_())))
+    tokenizer = _tokenizer(spec.model, spec.storage)
+    docs = tokenizer.tokenize_documents([texts[i] for i in todo], spec.task)
+    return chunk_table(base, dict(zip(todo, docs, strict=True)), texts, spec.chunking)
 
 
 def _ids_array(ids: list[np.ndarray | None]) -> pa.Array:

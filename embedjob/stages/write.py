@@ -58,15 +58,31 @@ def write_block(table: pa.Table, *, spec: WriteSpec) -> pa.Table:
         tokens=_sum(accepted.column(S.N_TOKENS)),
         processed_tokens=_sum(accepted.column(S.PROCESSED_TOKENS)),
     )
-    units = pc.value_counts(table.column(S.UNIT)).to_pylist() if table.num_rows else []
+    if S.CHUNK in table.column_names:  # a chunk table: documents, chunks, documents' tokens
+        counts.rows_embedded = _sum(pc.equal(accepted.column(S.CHUNK), 0))
+        counts.chunks_embedded = accepted.num_rows
+        counts.tokens = _sum(accepted.column(S.COUNTED_TOKENS))
+    units, unit_rows = _unit_rows(table)
     row = {
         "main_fragments": [main],
         "rejected_fragments": [rejects],
         **{name: [value] for name, value in counts.counters().items()},
-        "units": [[u["values"] for u in units]],
-        "unit_rows": [[u["counts"] for u in units]],
+        "units": [units],
+        "unit_rows": [unit_rows],
     }
     return pa.table(row, schema=S.RESULT_SCHEMA)
+
+
+def _unit_rows(table: pa.Table) -> tuple[list[str], list[int]]:
+    """Rows written per unit; a chunk table counts each row's share of its document
+    (``schema.DOC_SHARE``, ``DOC_WEIGHT`` per document)."""
+    if not table.num_rows:
+        return [], []
+    if S.DOC_SHARE not in table.column_names:
+        units = pc.value_counts(table.column(S.UNIT)).to_pylist()
+        return [u["values"] for u in units], [u["counts"] for u in units]
+    sums = table.group_by(S.UNIT).aggregate([(S.DOC_SHARE, "sum")])
+    return sums.column(S.UNIT).to_pylist(), sums.column(f"{S.DOC_SHARE}_sum").to_pylist()
 
 
 def _sum(values: pa.ChunkedArray | pa.Array) -> int:

@@ -1,0 +1,151 @@
+"""``embed --chunking late|split`` through the real pipeline (Ray, Lance) into a chunk table:
+every chunk vector equals an independent computation (late: one forward over its macro-window,
+mean of the span's token states, truncate, normalize; split: the chunk embedded alone), char
+spans map back to the text, summary counts are documents / chunks / document tokens; bad
+chunk options fail before any model loads, naming the allowed values."""
+
+from __future__ import annotations
+
+import json
+
+import lance
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from embedjob import schema as S
+from embedjob.config import EmbedConfig
+from embedjob.driver import pipeline
+from embedjob.driver.run import run
+from embedjob.errors import ConfigError
+from embedjob.model import matryoshka
+from embedjob.stages import chunks as C
+from tests.model_fixtures import ATOL_VECTORS, max_err
+from tests.model_layouts import write_layout
+from tests.pipeline_helpers import content_hash, real_rows, to_table
+
+pytestmark = pytest.mark.pipeline
+
+TASK = "retrieval.passage"
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[dict]:
+    rows = real_rows(4)
+    rows.append({"id": 50, "text": "\n".join(r["text"] for r in real_rows(6, 10)), "lang": "x"})
+    rows.append({"id": 51, "text": "   ", "lang": "x"})  # rejected: whitespace only
+    return rows
+
+
+def _run(tmp_path, docs, golden_dir, **chunking):
+    path = tmp_path / "in.parquet"
+    pq.write_table(to_table(docs), path)
+    out = tmp_path / "chunks.lance"
+    summary = run(EmbedConfig(input=str(path), output=str(out), model=str(golden_dir),
+                              dims=(64, 16), max_tokens_per_batch=512, **chunking))
+    return summary, lance.dataset(str(out))
+
+
+def _rows(dataset) -> dict[tuple[int, int], dict]:
+    return {(r["doc_id"], r["chunk"]): r for r in dataset.to_table().to_pylist()}
+
+
+def _check_spans(rows: dict, docs: list[dict]) -> None:
+    texts = {d["id"]: d["text"] for d in docs}
+    for doc_id in {k[0] for k in rows}:
+        mine = [rows[(doc_id, i)] for i in range(sum(k[0] == doc_id for k in rows))]
+        assert mine[0]["char_start"] == 0 and mine[-1]["char_end"] == len(texts[doc_id])
+        assert mine[0]["token_start"] == 0
+        for a, b in zip(mine, mine[1:], strict=False):
+            assert b["char_start"] <= a["char_end"] and b["token_start"] <= a["token_end"]
+        assert all(r["content_hash"] == content_hash(texts[doc_id]) for r in mine)
+
+
+def test_late_chunks_through_the_pipeline_with_macro_windows(
+        ray_session, tmp_path, docs, golden_dir, embedder) -> None:
+    summary, dataset = _run(tmp_path, docs, golden_dir, chunking="late", chunk_tokens=16,
+                            chunk_overlap=4, chunk_window_tokens=64)
+    stamp = json.loads(S.schema_metadata(dataset.schema)[S.CHUNKING])
+    assert (stamp["mode"], stamp["tokens"], stamp["overlap"], stamp["window"]) == (
+        "late", 16, 4, 64)
+    assert dataset.schema.names[:6] == ["doc_id", "chunk", "char_start", "char_end",
+                                        "token_start", "token_end"]
+    rows = _rows(dataset)
+    _check_spans(rows, docs)
+    tok = embedder.tokenizer
+    doc_tokens, windows_seen = 0, 0
+    for d in docs[:5]:
+        doc = tok.tokenize_documents([d["text"]], TASK)[0]
+        n, lead, trail = len(doc.text), len(doc.lead), len(doc.trail)
+        doc_tokens += lead + n + trail
+        spans = C.plan_spans(doc.offsets, len(d["text"]), 16, 4, "tokens")
+        windows = C.plan_windows(n, 64 - lead - trail, 16)
+        windows_seen = max(windows_seen, len(windows))
+        assert sorted(k[1] for k in rows if k[0] == d["id"]) == list(range(len(spans)))
+        for i, (span, pool) in enumerate(zip(spans, C.late_pools(spans, windows, n, lead, trail),
+                                             strict=True)):
+            ws, we = windows[pool.window]
+            ids = np.concatenate([doc.lead, doc.text[ws:we], doc.trail]).astype(np.int64)
+            states = embedder.forward(torch.from_numpy(ids[None]), torch.ones(1, len(ids)),
+                                      tasks=[TASK]).last_hidden_state[0].double().numpy()
+            want = states[pool.start:pool.end].mean(0)
+            row = rows[(d["id"], i)]
+            assert (row["token_start"], row["token_end"]) == (span.token_start, span.token_end)
+            assert row["n_tokens"] == pool.end - pool.start
+            got = np.asarray(row["vector"], np.float32)
+            assert max_err(got, want / np.linalg.norm(want)) < ATOL_VECTORS
+            assert max_err(np.asarray(row["vector_16"]), matryoshka(want[None], 16)[0]) < 1e-5
+    assert windows_seen >= 3, "the long document runs in several macro-windows"
+    assert (summary.rows_embedded, summary.rows_rejected) == (5, 1)
+    assert summary.chunks_embedded == len(rows)
+    assert summary.tokens == doc_tokens  # document tokens, each counted once
+
+
+def test_split_chunks_are_embedded_alone(ray_session, tmp_path, docs, golden_dir,
+                                         embedder) -> None:
+    summary, dataset = _run(tmp_path, docs, golden_dir, chunking="split", chunk_tokens=24,
+                            chunk_boundaries="sentences")
+    rows = _rows(dataset)
+    _check_spans(rows, docs)
+    tok, chunk_tokens = embedder.tokenizer, 0
+    for d in docs[:5]:
+        doc = tok.tokenize_documents([d["text"]], TASK)[0]
+        mine = [rows[k] for k in sorted(k for k in rows if k[0] == d["id"])]
+        ids = [np.concatenate([doc.lead, doc.text[r["token_start"]:r["token_end"]], doc.trail])
+               for r in mine]
+        want = embedder.encode_ids(ids, task=TASK)
+        got = np.asarray([r["vector"] for r in mine], np.float32)
+        assert max_err(got, want) < ATOL_VECTORS
+        assert [r["n_tokens"] for r in mine] == [len(x) for x in ids]
+        chunk_tokens += sum(len(x) for x in ids)
+        # without overlap the chunks tile the text exactly
+        assert "".join(d["text"][r["char_start"]:r["char_end"]] for r in mine) == d["text"]
+    assert summary.tokens == chunk_tokens and summary.rows_embedded == 5
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the pipeline was built: preflight let a bad config through")
+
+    monkeypatch.setattr(pipeline, "build", refuse)
+
+
+def test_bad_chunk_options_fail_before_any_model_loads(tmp_path, golden_dir,
+                                                       no_model_load) -> None:
+    path = tmp_path / "in.parquet"
+    pq.write_table(to_table(real_rows(2)), path)
+    base = {"input": str(path), "output": str(tmp_path / "o.lance"), "model": str(golden_dir)}
+    with pytest.raises(ConfigError, match=r"--chunk-tokens 0 is not allowed.*an integer >= 1"):
+        EmbedConfig(**base, chunking="late", chunk_tokens=0)
+    with pytest.raises(ConfigError, match=r"--chunk-overlap 8 is not allowed.*< --chunk-tokens"):
+        EmbedConfig(**base, chunking="late", chunk_tokens=8, chunk_overlap=8)
+    with pytest.raises(ConfigError, match=r"--chunking 'lat' is not allowed.*'late'"):
+        EmbedConfig(**base, chunking="lat")
+    with pytest.raises(ConfigError, match=r"--chunk-tokens 9000 is not allowed; expected at most"):
+        run(EmbedConfig(**base, chunking="split", chunk_tokens=9000))
+    cls = write_layout("bge-m3", tmp_path / "bge")
+    with pytest.raises(ConfigError, match=r"pools by 'cls'; expected a model with 'mean'"):
+        run(EmbedConfig(**base | {"model": str(cls)}, chunking="late"))
+    assert not (tmp_path / "o.lance").exists()
