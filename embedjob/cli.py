@@ -245,7 +245,8 @@ def _search(options: SearchOptions) -> None:
                           show=options.show, model=options.model,
                           storage=Storage.resolve(options.storage_options),
                           nprobes=options.nprobes, refine_factor=options.refine_factor,
-                          rescore=options.rescore, rescore_factor=options.rescore_factor)
+                          rescore=options.rescore, rescore_factor=options.rescore_factor,
+                          collapse=options.collapse)
     for query, found in zip(queries, results, strict=True):
         if options.json:
             hits = [{"rank": rank, **row} for rank, row in enumerate(found.to_pylist(), 1)]

@@ -609,6 +609,8 @@ class SearchOptions:
         None, help="two-stage search: a float column (vector or vector_<d>) that rescores "
                    "the quantized --column's top k x --rescore-factor candidates exactly")
     rescore_factor: int = knob(4, help="candidates per returned row for --rescore")
+    collapse: bool = knob(False, help="a chunk table: only the best chunk of each document "
+                                      "(k documents, from k x 8 chunk candidates)")
     show: tuple[str, ...] = knob(
         (), metavar="C,C,...",
         help="columns to print beside id, score (default: text, when the table keeps it)")

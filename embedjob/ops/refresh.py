@@ -64,6 +64,9 @@ def refresh(config: EmbedConfig, *, reporter=None):
         raise ConfigError(f"refresh needs an existing output; {config.output!r} does not "
                           "exist: run `embedjob embed` first")
     output = storage.open_lance(config.output)
+    if config.chunked or S.is_chunk_table(output.schema):  # not built yet (issue #17)
+        raise ConfigError(f"refresh of a chunk table ({config.output!r}) is not supported yet; "
+                          "rerun `embedjob embed --chunking ... --mode overwrite`")
     mismatch = stamp_mismatch(output, preflight.plan_stamp(config))
     if mismatch:
         logger.warning("stamp changed (%s): re-embedding everything as a new version of %s",

@@ -190,18 +190,18 @@ def search_vector(dataset: Any, column: str, vector: np.ndarray, *, k: int = 10,
         nearest["nprobes"] = nprobes
     if refine_factor is not None:
         nearest["refine_factor"] = refine_factor
-    wanted = ["id", *[c for c in columns if c != "id"]]
-    found = dataset.to_table(nearest=nearest, columns=[*wanted, DISTANCE_COLUMN])
+    keys, rest = _wanted(dataset.schema, columns)
+    found = dataset.to_table(nearest=nearest, columns=[*keys, *rest, DISTANCE_COLUMN])
     score = pa.array(1.0 - found.column(DISTANCE_COLUMN).to_numpy(), pa.float32())
-    return pa.table({"id": found.column("id"), "score": score,
-                     **{c: found.column(c) for c in wanted[1:]}})
+    return _hits(found, keys, score, rest)
 
 
 def search(uri: str, query: str, *, column: str = "vector", k: int = 10,
            show: Sequence[str] = (), model: str | None = None,
            storage: Storage | None = None, embedder: Any = None,
            nprobes: int | None = None, refine_factor: int | None = 1,
-           rescore: str | None = None, rescore_factor: int = 4) -> pa.Table:
+           rescore: str | None = None, rescore_factor: int = 4,
+           collapse: bool = False) -> pa.Table:
     """Embed ``query`` as the table's queries are meant to be embedded, and search ``column``.
 
     Args:
@@ -220,9 +220,11 @@ def search(uri: str, query: str, *, column: str = "vector", k: int = 10,
         rescore: A float column: rescore the quantized ``column``'s top
             ``k * rescore_factor`` candidates exactly (scores are then true cosines).
         rescore_factor: Candidates per returned row for ``rescore``.
+        collapse: A chunk table: only the best chunk of each document (``k`` documents).
 
     Returns:
-        Table ``id, score, *show``, best first.
+        Table ``id, score, *show``, best first; for a chunk table ``doc_id, chunk,
+        char_start, char_end, score, *show`` (a kept ``text`` cut to the chunk).
 
     Raises:
         ConfigError: Unknown column or show column, a rescore column that is not a float
@@ -232,7 +234,7 @@ def search(uri: str, query: str, *, column: str = "vector", k: int = 10,
     return search_many(uri, [query], column=column, k=k, show=show, model=model,
                        storage=storage, embedder=embedder, nprobes=nprobes,
                        refine_factor=refine_factor, default_show=False, rescore=rescore,
-                       rescore_factor=rescore_factor)[0]
+                       rescore_factor=rescore_factor, collapse=collapse)[0]
 
 
 def search_many(uri: str, queries: Sequence[str], *, column: str = "vector", k: int = 10,
@@ -240,7 +242,7 @@ def search_many(uri: str, queries: Sequence[str], *, column: str = "vector", k: 
                 storage: Storage | None = None, embedder: Any = None,
                 nprobes: int | None = None, refine_factor: int | None = 1,
                 default_show: bool = True, rescore: str | None = None,
-                rescore_factor: int = 4) -> list[pa.Table]:
+                rescore_factor: int = 4, collapse: bool = False) -> list[pa.Table]:
     """:func:`search` for several queries: the model loads once, the queries embed as one
     batch. ``default_show``: with no ``show``, return the ``text`` column when the table
     keeps it (the CLI's snippet)."""
@@ -262,12 +264,19 @@ def search_many(uri: str, queries: Sequence[str], *, column: str = "vector", k: 
             check_query_model(spec, stamp, dim)  # before loading any weights
         embedder = load_query_embedder(stamp, model, storage)
     vectors = {d: embed_queries(embedder, stamp, list(queries), d) for d in dims}
+    chunked = S.is_chunk_table(dataset.schema)
+    if collapse and not chunked:
+        raise ConfigError(f"--collapse needs a chunk table (embed --chunking late|split); "
+                          f"{uri!r} has one row per document")
+    n = k * COLLAPSE_FACTOR if collapse else k
     if not target.quantized:
-        return [search_vector(dataset, column, vector, k=k, columns=show, nprobes=nprobes,
-                              refine_factor=refine_factor) for vector in vectors[target.dim]]
-    return [_two_stage(dataset, target, exact, {d: v[i] for d, v in vectors.items()}, k=k,
-                       factor=rescore_factor, show=show, nprobes=nprobes)
-            for i in range(len(queries))]
+        found = [search_vector(dataset, column, vector, k=n, columns=show, nprobes=nprobes,
+                               refine_factor=refine_factor) for vector in vectors[target.dim]]
+    else:
+        found = [_two_stage(dataset, target, exact, {d: v[i] for d, v in vectors.items()},
+                            k=n, factor=rescore_factor, show=show, nprobes=nprobes)
+                 for i in range(len(queries))]
+    return [chunk_hits(hits, k, collapse) for hits in found] if chunked else found
 
 
 def _two_stage(dataset: Any, target: S.VectorColumn, exact: S.VectorColumn | None,
@@ -355,25 +364,55 @@ def _fetch(dataset: Any, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
 
 
 def _rows(dataset: Any, rows: np.ndarray, scores: np.ndarray, show: Sequence[str]) -> pa.Table:
-    wanted = ["id", *[c for c in show if c != "id"]]
-    found = _fetch(dataset, rows, wanted)
-    return pa.table({"id": found.column("id"), "score": pa.array(scores, pa.float32()),
-                     **{c: found.column(c) for c in wanted[1:]}})
+    keys, rest = _wanted(dataset.schema, show)
+    found = _fetch(dataset, rows, [*keys, *rest])
+    return _hits(found, keys, pa.array(scores, pa.float32()), rest)
 
 
 def rescore_rows(dataset: Any, rows: np.ndarray, column: str, vector: np.ndarray, *, k: int,
                  columns: Sequence[str] = ()) -> pa.Table:
     """The ``k`` best of candidate ``rows`` by exact dot product with ``column`` (cosine:
     the stored vectors are normalized), as ``id, score, *columns``."""
-    wanted = ["id", *[c for c in columns if c != "id"]]
-    found = _fetch(dataset, rows, [*wanted, column])
+    keys, rest = _wanted(dataset.schema, columns)
+    found = _fetch(dataset, rows, [*keys, *rest, column])
     values = found.column(column).combine_chunks()
     matrix = values.values.to_numpy(zero_copy_only=False).reshape(len(values), -1)
     scores = matrix.astype(np.float32) @ np.asarray(vector, np.float32)
     order = np.argsort(-scores, kind="stable")[:k]
-    found = found.take(order)
-    return pa.table({"id": found.column("id"), "score": pa.array(scores[order], pa.float32()),
-                     **{c: found.column(c) for c in wanted[1:]}})
+    return _hits(found.take(order), keys, pa.array(scores[order], pa.float32()), rest)
+
+
+CHUNK_KEYS: tuple[str, ...] = (S.DOC_ID, S.CHUNK, S.CHAR_START, S.CHAR_END)
+COLLAPSE_FACTOR = 8  # chunk candidates fetched per returned document when collapsing
+
+
+def _wanted(schema: pa.Schema, columns: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A hit's key columns (``id``; a chunk table's ``doc_id, chunk, char_start, char_end``)
+    and the other columns asked for."""
+    keys = list(CHUNK_KEYS) if S.is_chunk_table(schema) else [S.OUT_ID]
+    return keys, [c for c in dict.fromkeys(columns) if c not in keys]
+
+
+def _hits(found: pa.Table, keys: list[str], score: pa.Array, rest: list[str]) -> pa.Table:
+    return pa.table({**{c: found.column(c) for c in keys}, "score": score,
+                     **{c: found.column(c) for c in rest}})
+
+
+def chunk_hits(hits: pa.Table, k: int, collapse: bool) -> pa.Table:
+    """A chunk table's hits: the kept text cut to each chunk's span (the snippet), and with
+    ``collapse`` only the best chunk of each document; at most ``k`` rows."""
+    if SNIPPET_COLUMN in hits.column_names:
+        spans = zip(hits.column(SNIPPET_COLUMN).to_pylist(),
+                    hits.column(S.CHAR_START).to_pylist(), hits.column(S.CHAR_END).to_pylist(),
+                    strict=True)
+        snippets = pa.array([None if t is None else t[a:b] for t, a, b in spans], pa.string())
+        hits = hits.set_column(hits.column_names.index(SNIPPET_COLUMN), SNIPPET_COLUMN, snippets)
+    if collapse:  # hits are best first: the first row of each document is its best chunk
+        seen: dict = {}
+        for i, doc in enumerate(hits.column(S.DOC_ID).to_pylist()):
+            seen.setdefault(doc, i)
+        hits = hits.take(pa.array(sorted(seen.values()), pa.int64()))
+    return hits.slice(0, k)
 
 
 def _query_spec(stamp: Stamp, model: str | None, storage: Storage):

@@ -62,10 +62,18 @@ def _check_spans(rows: dict, docs: list[dict]) -> None:
         assert all(r["content_hash"] == content_hash(texts[doc_id]) for r in mine)
 
 
+def _window_states(embedder, doc, window: tuple[int, int]) -> np.ndarray:
+    """The model's own forward of ``lead + text[ws:we] + trail`` alone: [L, H] float64."""
+    ws, we = window
+    ids = np.concatenate([doc.lead, doc.text[ws:we], doc.trail]).astype(np.int64)
+    return embedder.forward(torch.from_numpy(ids[None]), torch.ones(1, len(ids)),
+                            tasks=[TASK]).last_hidden_state[0].double().numpy()
+
+
 def test_late_chunks_through_the_pipeline_with_macro_windows(
         ray_session, tmp_path, docs, golden_dir, embedder) -> None:
     summary, dataset = _run(tmp_path, docs, golden_dir, chunking="late", chunk_tokens=16,
-                            chunk_overlap=4, chunk_window_tokens=64)
+                            chunk_overlap=4, chunk_window_tokens=64, keep_columns=("text",))
     stamp = json.loads(S.schema_metadata(dataset.schema)[S.CHUNKING])
     assert (stamp["mode"], stamp["tokens"], stamp["overlap"], stamp["window"]) == (
         "late", 16, 4, 64)
@@ -85,10 +93,7 @@ def test_late_chunks_through_the_pipeline_with_macro_windows(
         assert sorted(k[1] for k in rows if k[0] == d["id"]) == list(range(len(spans)))
         for i, (span, pool) in enumerate(zip(spans, C.late_pools(spans, windows, n, lead, trail),
                                              strict=True)):
-            ws, we = windows[pool.window]
-            ids = np.concatenate([doc.lead, doc.text[ws:we], doc.trail]).astype(np.int64)
-            states = embedder.forward(torch.from_numpy(ids[None]), torch.ones(1, len(ids)),
-                                      tasks=[TASK]).last_hidden_state[0].double().numpy()
+            states = _window_states(embedder, doc, windows[pool.window])
             want = states[pool.start:pool.end].mean(0)
             row = rows[(d["id"], i)]
             assert (row["token_start"], row["token_end"]) == (span.token_start, span.token_end)
@@ -100,6 +105,34 @@ def test_late_chunks_through_the_pipeline_with_macro_windows(
     assert (summary.rows_embedded, summary.rows_rejected) == (5, 1)
     assert summary.chunks_embedded == len(rows)
     assert summary.tokens == doc_tokens  # document tokens, each counted once
+    _check_search(dataset, rows, embedder)
+
+
+def _check_search(dataset, rows: dict, embedder) -> None:
+    """Search returns chunks (doc_id, spans, the chunk's text) by exact cosine; collapse keeps
+    each document's best chunk."""
+    from embedjob.table.search import search
+
+    row = rows[(50, 3)]
+    query = row["text"][row["char_start"]:row["char_end"]]
+    q = embedder.encode([query], task="retrieval.query")[0]
+    scores = {key: float(np.dot(q, np.asarray(r["vector"], np.float32)))
+              for key, r in rows.items()}
+    hits = search(dataset.uri, query, k=5, show=("text",), embedder=embedder).to_pylist()
+    best = sorted(scores, key=scores.get, reverse=True)[:5]
+    assert [(h["doc_id"], h["chunk"]) for h in hits] == best
+    for h in hits:
+        r = rows[(h["doc_id"], h["chunk"])]
+        assert (h["char_start"], h["char_end"]) == (r["char_start"], r["char_end"])
+        assert h["text"] == r["text"][r["char_start"]:r["char_end"]]
+        assert abs(h["score"] - scores[(h["doc_id"], h["chunk"])]) < 1e-5
+    collapsed = search(dataset.uri, query, k=3, embedder=embedder, collapse=True).to_pylist()
+    per_doc: dict = {}
+    for (doc, chunk), score in scores.items():
+        if doc not in per_doc or score > scores[(doc, per_doc[doc])]:
+            per_doc[doc] = chunk
+    want = sorted(per_doc.items(), key=lambda dc: -scores[dc])[:3]
+    assert [(h["doc_id"], h["chunk"]) for h in collapsed] == want
 
 
 def test_split_chunks_are_embedded_alone(ray_session, tmp_path, docs, golden_dir,
