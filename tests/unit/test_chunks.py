@@ -116,3 +116,26 @@ def test_a_short_document_is_one_window_and_windows_need_room_for_a_chunk() -> N
     assert C.plan_windows(30, 40, 10) == [(0, 30)]
     with pytest.raises(ValueError, match="cannot hold a chunk"):
         C.plan_windows(100, 8, 10)
+
+
+def test_a_unit_is_finished_only_when_every_chunk_of_its_documents_is_written() -> None:
+    """Chunk rows carry shares of their document (DOC_WEIGHT each); the ledger counts a
+    unit's rows read times DOC_WEIGHT, so a document half written keeps its unit open."""
+    import pyarrow as pa
+
+    from embedjob import schema as S
+    from embedjob.driver.progress import UnitLedger
+    from embedjob.stages.write import _unit_rows
+
+    assert C.shares(3, S.DOC_WEIGHT) == [349525, 349525, 349526]
+    assert sum(C.shares(7, 100)) == 100 and min(C.shares(100, 100)) == 1
+    with pytest.raises(ValueError):
+        C.shares(101, 100)
+    doc_a, doc_b = C.shares(3, S.DOC_WEIGHT), C.shares(2, S.DOC_WEIGHT)
+    first = pa.table({S.UNIT: ["u"] * 3, S.DOC_SHARE: [doc_a[0], doc_a[1], doc_b[0]]})
+    rest = pa.table({S.UNIT: ["u", "u"], S.DOC_SHARE: [doc_a[2], doc_b[1]]})
+    ledger = UnitLedger(fingerprints={"u": "fp"}, row_weight=S.DOC_WEIGHT)
+    ledger.add(*_unit_rows(first))
+    assert ledger.finishing({"u": (2, None)}) == {}  # two documents read, 3 of 5 chunks in
+    ledger.add(*_unit_rows(rest))
+    assert ledger.finishing({}) == {"u": ("fp", None)}
