@@ -66,16 +66,22 @@ def chunk_table(base: pa.Table, docs: dict[int, DocumentTokens], texts: list,
         texts: Every row's text (read for sentence boundaries and lengths).
         spec: How to chunk.
     """
-    parents, ids, metas = [], [], []
+    parents, ids, metas, too_many = [], [], [], {}
     for row in range(base.num_rows):
-        if row not in docs:
+        spans = None
+        if row in docs:
+            doc, text = docs[row], texts[row]
+            spans = C.plan_spans(doc.offsets, len(text), spec.tokens, spec.overlap,
+                                 spec.boundaries, text)
+            if len(spans) > S.DOC_WEIGHT:  # its shares would not add up: set it aside
+                too_many[row] = (f"document has {len(spans)} chunks, more than "
+                                 f"{S.DOC_WEIGHT}; raise --chunk-tokens")
+                spans = None
+        if spans is None:
             parents.append(row)
             ids.append(None)
             metas.append(None)
             continue
-        doc, text = docs[row], texts[row]
-        spans = C.plan_spans(doc.offsets, len(text), spec.tokens, spec.overlap,
-                             spec.boundaries, text)
         if spec.mode == "split":
             row_ids, row_meta = _split_rows(doc, spans)
         else:
@@ -83,8 +89,21 @@ def chunk_table(base: pa.Table, docs: dict[int, DocumentTokens], texts: list,
         parents += [row] * len(row_ids)
         ids += row_ids
         metas += row_meta
-    out = base.take(pa.array(parents, pa.int64()))
+    out = _rejected(base, too_many).take(pa.array(parents, pa.int64()))
     return _with_chunk_columns(out, ids, metas, spec.mode)
+
+
+def _rejected(base: pa.Table, reasons: dict[int, str]) -> pa.Table:
+    """``base`` with the rows of ``reasons`` rejected for them."""
+    if not reasons:
+        return base
+    status = base.column(S.STATUS).to_pylist()
+    reason = base.column(S.REASON).to_pylist()
+    for row, text in reasons.items():
+        status[row], reason[row] = int(S.Status.REJECTED), text
+    base = base.set_column(base.column_names.index(S.STATUS), S.STATUS, S.status_array(status))
+    return base.set_column(base.column_names.index(S.REASON), S.REASON,
+                           pa.array(reason, pa.string()))
 
 
 def _with_chunk_columns(out: pa.Table, ids: list, metas: list, mode: str) -> pa.Table:

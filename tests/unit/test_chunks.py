@@ -139,3 +139,26 @@ def test_a_unit_is_finished_only_when_every_chunk_of_its_documents_is_written() 
     assert ledger.finishing({"u": (2, None)}) == {}  # two documents read, 3 of 5 chunks in
     ledger.add(*_unit_rows(rest))
     assert ledger.finishing({}) == {"u": ("fp", None)}
+
+
+def test_a_document_of_too_many_chunks_is_rejected_with_its_reason(monkeypatch) -> None:
+    import pyarrow as pa
+
+    from embedjob import schema as S
+    from embedjob.model.spec import DocumentTokens
+    from embedjob.stages.chunk_rows import chunk_table
+
+    monkeypatch.setattr(S, "DOC_WEIGHT", 4)
+    base = pa.table({S.STATUS: S.status_array([S.Status.EMBED] * 2),
+                     S.REASON: pa.array([None, None], pa.string())})
+    docs = {i: DocumentTokens(np.array([0], np.int32), np.arange(n, dtype=np.int32),
+                              np.array([2], np.int32),
+                              np.stack([np.arange(n), np.arange(n) + 1], axis=1))
+            for i, n in ((0, 8), (1, 10))}
+    spec = C.ChunkSpec(mode="split", tokens=2, overlap=0, boundaries="tokens", window=64)
+    out = chunk_table(base, docs, ["x" * 8, "y" * 10], spec)
+    assert out.column(S.CHUNK).to_pylist() == [0, 1, 2, 3, None]  # 4 chunks fit, 5 do not
+    assert out.column(S.DOC_SHARE).to_pylist() == [1, 1, 1, 1, 4]
+    assert out.column(S.STATUS).to_pylist()[-1] == S.Status.REJECTED
+    assert out.column(S.REASON).to_pylist()[-1] == ("document has 5 chunks, more than 4; "
+                                                    "raise --chunk-tokens")
