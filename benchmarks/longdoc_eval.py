@@ -39,6 +39,7 @@ def main() -> None:
     report = evaluate_long(_model(args.model), os.path.join(args.out, "work"),
                            chunk_tokens=args.chunk_tokens, chunk_overlap=args.chunk_overlap)
     report["load_average"] = os.getloadavg()
+    report["model_name"] = args.model
     for mode, m in report["modes"].items():
         chunk = f"{m['chunk@1']:.3f}" if "chunk@1" in m else "  -  "
         print(f"{mode:5s} doc@1 {m['doc@1']:.3f}  doc@5 {m['doc@5']:.3f}  chunk@1 {chunk}  "

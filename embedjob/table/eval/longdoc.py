@@ -130,11 +130,12 @@ def evaluate_long(model: str, work: str, *, chunk_tokens: int, chunk_overlap: in
     report: dict[str, Any] = {"model": model, "documents": data.docs.num_rows,
                               "queries": len(data.queries), "chunk_tokens": chunk_tokens,
                               "chunk_overlap": chunk_overlap, "modes": {}}
-    for mode, (uri, summary) in runs.items():
-        import lance
+    import lance
 
-        stamp = read_stamp(lance.dataset(uri).schema)
-        q = embed_queries(embedder, stamp, data.queries, embedder.hidden_size)
+    # every mode's stamp pairs the same query task: the queries are embedded once
+    stamp = read_stamp(lance.dataset(runs[MODES[0]][0]).schema)
+    q = embed_queries(embedder, stamp, data.queries, embedder.hidden_size)
+    for mode, (uri, summary) in runs.items():
         report["modes"][mode] = score(data, uri, q) | {
             "tokens": summary.tokens, "processed_tokens": summary.processed_tokens,
             "truncated_docs": summary.rows_truncated}
@@ -155,7 +156,8 @@ def plot_long(report: dict[str, Any], path: str) -> None:
         ax.bar(np.arange(len(metrics)) + i * 0.27, values, width=0.27, label=mode)
     ax.set_xticks(np.arange(len(metrics)) + 0.27, metrics)
     ax.set_ylim(0, 1)
-    ax.set_title(f"long documents: {os.path.basename(report['model'].rstrip('/'))}, "
+    name = report.get("model_name") or os.path.basename(report["model"].rstrip("/"))
+    ax.set_title(f"long documents: {name}, "
                  f"{report['chunk_tokens']}-token chunks")
     ax.legend()
     fig.tight_layout()
