@@ -182,3 +182,19 @@ def test_bad_chunk_options_fail_before_any_model_loads(tmp_path, golden_dir,
     with pytest.raises(ConfigError, match=r"pools by 'cls'; expected a model with 'mean'"):
         run(EmbedConfig(**base | {"model": str(cls)}, chunking="late"))
     assert not (tmp_path / "o.lance").exists()
+
+
+def test_refresh_of_a_chunk_table_is_refused_not_converted(tmp_path, golden_dir,
+                                                           no_model_load) -> None:
+    """Refreshing chunk tables is not built yet: refused, never re-embedded as a row table."""
+    import pyarrow as pa
+
+    from embedjob.ops.refresh import refresh
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(to_table(real_rows(2)), path)
+    out = tmp_path / "chunks.lance"
+    lance.write_dataset(pa.table({"doc_id": [0], "chunk": pa.array([0], pa.int32())}), str(out))
+    with pytest.raises(ConfigError, match="refresh of a chunk table .* is not supported yet"):
+        refresh(EmbedConfig(input=str(path), output=str(out), model=str(golden_dir)))
+    assert lance.dataset(str(out)).version == 1
