@@ -216,8 +216,16 @@ class EmbedConfig:
              "among them (default: one per 8 CPUs of the cluster, at least 1)")
     write_batch_rows: int = knob(
         32768, commands=RUNS,
-        help="rows per written Lance fragment, at most (32768 rows of 1024-d float32 vectors "
-             "is a 128 MiB block)")
+        help="rows per write-stage call, handed to one writer at once (32768 rows of 1024-d "
+             "float32 vectors is a 128 MiB block)")
+    rows_per_file: int = knob(
+        1 << 20, commands=RUNS,
+        help="rows per Lance data file, at most: a writer starts a new file after this many "
+             "(files also end at every commit, so a short commit interval makes smaller ones)")
+    writers: int | None = knob(
+        None, commands=RUNS,
+        help="writer actors streaming rows into the output's files (default: one per 8 "
+             "encode actors, at least 1)")
     commit_interval_s: float = knob(600.0, commands=RUNS,
                                     help="seconds between commits of what is written so far")
     lease_ttl_s: float = knob(
@@ -257,12 +265,12 @@ class EmbedConfig:
         object.__setattr__(self, "num_actors", _actor_count(self.num_actors))
         for name in ("max_tokens_per_batch", "window_rows", "tokenize_batch_rows",
                      "write_batch_rows", "read_memory_bytes", "actor_prefetch",
-                     "read_unit_bytes"):
+                     "read_unit_bytes", "rows_per_file"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 1, name, value, "an integer >= 1")
         _require(self.limit is None or (_is_int(self.limit) and self.limit >= 1), "limit",
                  self.limit, "an integer >= 1")
-        for name in ("tokenize_tasks", "id_shards"):
+        for name in ("tokenize_tasks", "id_shards", "writers"):
             value = getattr(self, name)
             _require(value is None or (_is_int(value) and value >= 1), name, value,
                      "an integer >= 1 or None")
@@ -365,6 +373,11 @@ class EmbedConfig:
     def max_actors(self) -> int:
         """The most encode actors the run may hold at once."""
         return self.actor_range[1]
+
+    @property
+    def writer_count(self) -> int:
+        """``writers``, or one per 8 encode actors (at least 1)."""
+        return self.writers or max(1, self.max_actors // 8)
 
     @property
     def rejected_uri(self) -> str:

@@ -126,8 +126,12 @@ class Storage:
 
         return lance.dataset(uri, version=version, storage_options=self.lance_options())
 
-    def open_input(self, uri: str) -> Any:
-        """A random-access pyarrow input file (on S3 its open is a HEAD for the size)."""
+    def open_input(self, uri: str, size: int | None = None) -> Any:
+        """A random-access input file. On S3 pyarrow's open is a HEAD for the size; with
+        ``size`` known (from the listing) the file opens without a request and every read
+        is one ranged GET."""
+        if size is not None and is_s3(uri):
+            return self.fsspec(uri).open(strip_scheme(uri), "rb", size=size, cache_type="none")
         return self.pyarrow_fs(uri).open_input_file(strip_scheme(uri))
 
     def read_range(self, uri: str, start: int, end: int) -> bytes:

@@ -1,8 +1,10 @@
-"""Driver-side commits of the fragments that the write stage produced.
+"""Driver-side commits of the fragments that the writers produced.
 
 The output and the rejected table are committed together, every ``commit_interval_s`` and
-at the end. The first commit of a table that this run (re)creates is an Overwrite with the
-stamped schema; later ones are Appends on top of the version this run last committed.
+at the end; each commit first flushes the writers (``stages.write.WriterPool``), so it holds
+every row handed to them until then. The first commit of a table that this run (re)creates
+is an Overwrite with the stamped schema; later ones are Appends on top of the version this
+run last committed.
 The units a commit finishes travel in that same output commit, as Lance transaction
 properties (``embedjob.driver.progress``): rows and the record of them are one atomic step,
 and each commit records only what it adds. The last commit also carries the run summary;
@@ -25,7 +27,7 @@ from embedjob.driver import progress
 from embedjob.driver.progress import UnitLedger
 from embedjob.errors import retry_transient
 from embedjob.schema import Counts
-from embedjob.stages.write import load_fragments
+from embedjob.stages.write import WriterPool, load_fragments
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -97,11 +99,19 @@ class Committer:
     run_key: str
     first: bool = True  # the next output commit is this run's first (not a resume's)
     fence: Callable[[], None] | None = None  # Lease.check: raises when the lease is lost
+    writers: WriterPool | None = None  # flushed into every commit
     counts: Counts = field(default_factory=Counts)
     started: float = field(default_factory=time.monotonic)
     last_commit: float = field(default_factory=time.monotonic)
 
     def add(self, result: pa.Table) -> None:
+        """Take write-stage results (counters); commit when the interval has passed."""
+        self._collect(result)
+        if time.monotonic() - self.last_commit >= self.interval_s:
+            self.commit()
+
+    def _collect(self, result: pa.Table) -> None:
+        """Fragments, counters and rows per unit of ``RESULT_SCHEMA`` rows."""
         for pickled in result.column("main_fragments").to_pylist():
             self.main.add(pickled)
         for pickled in result.column("rejected_fragments").to_pylist():
@@ -110,8 +120,6 @@ class Committer:
         for units, rows in zip(result.column("units").to_pylist(),
                                result.column("unit_rows").to_pylist(), strict=True):
             self.ledger.add(units, rows)
-        if time.monotonic() - self.last_commit >= self.interval_s:
-            self.commit()
 
     def commit(self, *, create: bool = False, last_run: str | None = None) -> None:
         """Commit what is pending with the record of the units it finishes.
@@ -123,6 +131,9 @@ class Committer:
         """
         if self.fence is not None:  # nothing of this commit is written past a lost lease
             self.fence()
+        if self.writers is not None:  # all they hold goes into this commit
+            for result in self.writers.flush():
+                self._collect(result)
         # Rejected rows first: a reader of the output never sees rows whose rejected
         # siblings are not yet visible.
         self.rejected.commit(force=create)

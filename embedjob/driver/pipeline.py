@@ -1,6 +1,6 @@
 """The embed job as one chain of Ray Data stages:
 
-    read units -> tokenize (CPU) -> bucket by length -> encode (actors) -> write fragments
+    read units -> tokenize (CPU) -> bucket by length -> encode (actors) -> hand to writers
 
 preceded (unless ``assume_unique_ids``) by ``scan``, the duplicate-id pre-pass over the id
 column of every unit (``stages.dedupe``).
@@ -33,7 +33,8 @@ def scan(plan: RunPlan, index: DuplicateIndex) -> ray.data.Dataset:
     into the shards of ``index``; rows are (unit, rows scanned)."""
     position = {name: i for i, name in enumerate(source_files(plan.sources))}
     units = ray.data.from_items(
-        [{"unit": u, "source_index": position[unit_file(u)]} for u in plan.sources],
+        [{"unit": u, "source_index": position[unit_file(u)], "size": plan.sizes.get(unit_file(u))}
+         for u in plan.sources],
         override_num_blocks=len(plan.sources))
     return units.map_batches(
         scan_ids, fn_kwargs={"spec": ScanSpec(read=replace(plan.read, ids_only=True),
@@ -42,7 +43,7 @@ def scan(plan: RunPlan, index: DuplicateIndex) -> ray.data.Dataset:
     )
 
 
-def build(plan: RunPlan, *, tracker: ray.actor.ActorHandle,
+def build(plan: RunPlan, *, tracker: ray.actor.ActorHandle, writers: tuple = (),
           encoder: type = EncodeActor) -> ray.data.Dataset:
     """The lazy dataset whose rows are write-stage results (fragments + counters).
 
@@ -50,11 +51,14 @@ def build(plan: RunPlan, *, tracker: ray.actor.ActorHandle,
         plan: The run's plan (one spec per stage; ``plan.tokenize.duplicates`` holds the
             duplicate-id shards, after ``scan``).
         tracker: The ``ReadTracker`` (rows per unit read to its end).
+        writers: The ``RowWriter`` actors the write stage hands rows to.
         encoder: The encode stage's ``map_batches`` class (tests wrap ``EncodeActor``).
     """
     cfg, cpu = plan.config, plan.config.cpus_per_task
     min_actors, max_actors = cfg.actor_range
-    units = ray.data.from_items([{"unit": u} for u in plan.units],
+    # each unit with its file's size from the listing: a read task opens it without a HEAD
+    units = ray.data.from_items([{"unit": u, "size": plan.sizes.get(unit_file(u))}
+                                 for u in plan.units],
                                 override_num_blocks=len(plan.units))
     rows = units.map_batches(
         read_units, fn_kwargs={"spec": plan.read, "tracker": tracker},
@@ -85,6 +89,6 @@ def build(plan: RunPlan, *, tracker: ray.actor.ActorHandle,
         num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor,
     )
     return vectors.map_batches(
-        write_block, fn_kwargs={"spec": plan.write},
+        write_block, fn_kwargs={"spec": plan.write, "writers": writers},
         batch_size=cfg.write_batch_rows, batch_format=ARROW, num_cpus=cpu,
     )

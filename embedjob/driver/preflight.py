@@ -60,6 +60,7 @@ class RunPlan:
     bucket: BucketSpec
     encode: EncodeSpec
     write: WriteSpec
+    sizes: dict[str, int] = field(default_factory=dict)  # input file -> bytes, from the listing
 
 
 def plan_run(config: EmbedConfig) -> RunPlan:
@@ -131,8 +132,9 @@ def plan_run(config: EmbedConfig) -> RunPlan:
                           quantize=quantize, float_dims=float_dims,
                           chunking=config.chunking),
         write=WriteSpec(output=config.output, rejected_output=config.rejected_uri,
-                        schema=schema, storage=storage,
+                        schema=schema, storage=storage, rows_per_file=config.rows_per_file,
                         replace_schema=recreate_output and held is not None and held != ours),
+        sizes={i.uri: i.size for i in inputs if i.fingerprint != "fragment"},
     )
 
 

@@ -23,6 +23,7 @@ from embedjob.stages.check import OutputLookup
 from embedjob.stages.dedupe import DuplicateIndex, source_files
 from embedjob.stages.encode import EncodeActor
 from embedjob.stages.read import unit_file
+from embedjob.stages.write import WriterPool
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ def _run(plan: RunPlan, started: float, keep_ids: bool, encoder: type,
     plan = replace(plan, tokenize=replace(plan.tokenize, duplicates=index))
     reporter.started(plan)
     if plan.units:
-        results = pipeline.build(plan, tracker=committer.tracker, encoder=encoder)
+        results = pipeline.build(plan, tracker=committer.tracker,
+                                 writers=committer.writers.actors, encoder=encoder)
         batches = iter(results.iter_batches(batch_size=None, batch_format="pyarrow"))
         try:
             while True:
@@ -220,6 +222,7 @@ def _committer(plan: RunPlan, started: float) -> Committer:
         ledger=progress.UnitLedger(fingerprints=plan.fingerprints, done=done, ranges=ranges,
                                    row_weight=S.DOC_WEIGHT if cfg.chunked else 1),
         tracker=progress.ReadTracker.remote(),
+        writers=WriterPool.create(plan.write, cfg.writer_count),
         run_key=plan.run_key,
         first=plan.resumed is None,
         main=TableCommitter(uri=cfg.output, schema=plan.schema, recreate=plan.recreate_output,

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -268,11 +268,12 @@ class ScanSpec:
 
 
 def scan_ids(batch: pa.Table, *, spec: ScanSpec) -> pa.Table:
-    """``map_batches`` body over ``{"unit", "source_index"}`` rows: send every row's id key
-    and order key to the shards; return the rows scanned per unit."""
+    """``map_batches`` body over ``{"unit", "source_index", "size"}`` rows: send every row's
+    id key and order key to the shards; return the rows scanned per unit."""
     units = batch.column("unit").to_pylist()
     indexes = batch.column("source_index").to_pylist()
-    counts = [_scan_unit(unit, index, spec) for unit, index in zip(units, indexes, strict=True)]
+    counts = [_scan_unit(unit, index, replace(spec, read=read.sized(spec.read, unit, size)))
+              for unit, index, size in zip(units, indexes, read.unit_sizes(batch), strict=True)]
     return pa.table({"unit": units, "rows": pa.array(counts, pa.int64())})
 
 

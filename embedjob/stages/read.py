@@ -20,6 +20,7 @@ status).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -63,6 +64,9 @@ class ReadSpec:
     row_caps: Mapping[str, int] = field(default_factory=dict)
     # True: read only the id column (the duplicate-id scan); texts come back null
     ids_only: bool = False
+    # bytes of the file a task reads, from the listing (set per unit by ``sized``): a file
+    # of known size opens without a request
+    sizes: Mapping[str, int] = field(default_factory=dict)
 
     def schema(self) -> pa.Schema:
         """The schema of every block this stage yields."""
@@ -121,8 +125,21 @@ def unit_file(unit: str) -> str:
     return split_unit(unit)[0]
 
 
+def sized(spec: ReadSpec, unit: str, size: int | None) -> ReadSpec:
+    """``spec`` knowing the size of ``unit``'s file (None: not known, it is asked for)."""
+    return spec if size is None else dataclasses.replace(spec, sizes={unit_file(unit): size})
+
+
+def unit_sizes(batch: pa.Table) -> list[int | None]:
+    """The ``size`` column of a batch of units (None where the listing gave none)."""
+    if "size" not in batch.column_names:
+        return [None] * batch.num_rows
+    return batch.column("size").to_pylist()
+
+
 def read_units(batch: pa.Table, spec: ReadSpec, tracker=None) -> Iterator[pa.Table]:
-    """``map_batches`` body: one input row per unit, yields bounded row blocks.
+    """``map_batches`` body: one input row per unit (its file's ``size`` beside it, from
+    the listing), yields bounded row blocks.
 
     When a unit is read to its end, its row count and, for a byte range, the key range its
     rows may occupy (``[lo, hi)`` of ``_row``) go to ``tracker`` (a ReadTracker), so the
@@ -131,12 +148,12 @@ def read_units(batch: pa.Table, spec: ReadSpec, tracker=None) -> Iterator[pa.Tab
     """
     import ray
 
-    for unit in batch.column("unit").to_pylist():
-        rows, bounds = 0, {}
+    for unit, size in zip(batch.column("unit").to_pylist(), unit_sizes(batch), strict=True):
+        rows, bounds, unit_spec = 0, {}, sized(spec, unit, size)
         try:
-            for raw, first_row in _capped(unit, spec, bounds):
+            for raw, first_row in _capped(unit, unit_spec, bounds):
                 rows += raw.num_rows
-                yield normalize(raw, unit, first_row, spec)
+                yield normalize(raw, unit, first_row, unit_spec)
         except (pa.ArrowInvalid, OSError) as exc:  # transient ones were retried already
             reason = _unreadable(unit, rows, spec, exc)
             yield _unit_rejected(unit, reason, spec, bounds, rows)
@@ -302,7 +319,7 @@ def _raw_batches(unit: str, spec: ReadSpec, bounds: dict) -> Iterator[tuple[pa.T
 
 
 def _open(unit: str, spec: ReadSpec):
-    return spec.storage.open_input(unit)
+    return spec.storage.open_input(unit, spec.sizes.get(unit))
 
 
 def _read_parquet(unit: str, spec: ReadSpec, bounds: dict) -> Iterator[tuple[pa.Table, int]]:
