@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import io
 import json
 import logging
 import os
@@ -131,7 +132,7 @@ class Storage:
         ``size`` known (from the listing) the file opens without a request and every read
         is one ranged GET."""
         if size is not None and is_s3(uri):
-            return self.fsspec(uri).open(strip_scheme(uri), "rb", size=size, cache_type="none")
+            return RangedInput(self, uri, size)
         return self.pyarrow_fs(uri).open_input_file(strip_scheme(uri))
 
     def read_range(self, uri: str, start: int, end: int) -> bytes:
@@ -386,3 +387,41 @@ def _normalized(uri: str) -> str:
     return posixpath.normpath(path).rstrip("/")
 
 
+class RangedInput(io.RawIOBase):
+    """A read-only S3 file whose size the listing gave: opening it makes no request, every
+    read is one ranged GET (``Storage.read_range``). s3fs's own file asks for the object's
+    details (a HEAD) on its first read even when given the size."""
+
+    def __init__(self, storage: Storage, uri: str, size: int) -> None:
+        super().__init__()
+        self._storage, self._uri, self._size, self._pos = storage, uri, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        end = self._size if size is None or size < 0 else min(self._size, self._pos + size)
+        if end <= self._pos:
+            return b""
+        data = self._storage.read_range(self._uri, self._pos, end)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)

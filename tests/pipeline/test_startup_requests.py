@@ -81,3 +81,24 @@ def test_plan_samples_parquet_footers_and_marks_estimates(s3_server, s3_prefix, 
     lines = report.lines()
     assert lines[0].startswith(f"input: {FILES} files, ~")
     assert any(line.startswith("estimated tokens: ~") for line in lines)
+
+
+def test_a_whole_run_reads_each_input_file_without_a_head(s3_server, s3_prefix, s3_corpus,
+                                                          golden_dir, ray_session, tmp_path):
+    """Read tasks and the duplicate-id scan open every file with the listing's size: the
+    requests to the inputs are a few ranged GETs per unit, never a HEAD."""
+    from embedjob.driver.run import run
+
+    with CountingProxy(s3_server.endpoint) as proxy:
+        options = s3_server.storage_options | {"aws_endpoint": proxy.endpoint}
+        config = EmbedConfig(input=s3_server.uri(s3_prefix, "in/"),
+                             output=str(tmp_path / "o.lance"), model=str(golden_dir),
+                             format="parquet", storage_options=options)
+        summary = run(config)
+        inputs = f"/{s3_server.bucket}/{s3_prefix}/in/"
+        methods = proxy.methods(inputs)
+    assert summary.rows_embedded == 5 * FILES
+    assert methods["HEAD"] == 0, methods
+    # per file: its footer and id column (scan), its footer and columns (read); one row
+    # group each. Proportional to the units, nothing per file beyond reading it.
+    assert methods["GET"] <= 8 * FILES, methods
