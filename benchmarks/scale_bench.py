@@ -58,7 +58,8 @@ def one_run(name: str, corpus: Path, files: int, args, s3=None) -> dict:
     config = EmbedConfig(input=source, format="parquet", output=str(out),
                          model=str(model_dir("tiny")), num_actors=1, cpus_per_actor=1.0,
                          storage_options=options, id_shards=args.id_shards,
-                         assume_unique_ids=args.assume_unique_ids)
+                         assume_unique_ids=args.assume_unique_ids,
+                         read_unit_bytes=args.read_unit_bytes)
     shard_bytes: list[int] = []
     encoder = NoopEncodeActor if args.encoder == "noop" else None
     with ProcessSampler() as sampler:
@@ -97,6 +98,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rows-per-file", type=int, default=10_000)
     parser.add_argument("--files", default="2000,20000")
     parser.add_argument("--row-group-rows", type=int, default=65536)
+    parser.add_argument("--read-unit-bytes", type=int, default=64 << 20,
+                        help="the run's --read-unit-bytes (bigfile: below the file's size "
+                             "to read it as several units)")
     parser.add_argument("--store", choices=["local", "s3"], default="local")
     parser.add_argument("--encoder", choices=["noop", "tiny"], default="noop")
     parser.add_argument("--id-shards", type=int, default=None)
