@@ -17,7 +17,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from embedjob.bench.s3_counter import CountingProxy
 from embedjob.stages.encode import EncodeActor, EncodeSpec
 
 # ---------------------------------------------------------------- corpus
@@ -178,26 +178,18 @@ def output_figures(uri: str) -> dict[str, int]:
 
 @dataclass
 class CountingS3:
-    """A SeaweedFS S3 server (the test suite's ``weed mini``) whose Prometheus metrics count
-    the requests per bucket and type."""
+    """A SeaweedFS S3 server (the test suite's ``weed mini``) behind a counting proxy
+    (``embedjob.bench.s3_counter``): every request any client makes is counted (``weed
+    mini`` serves no Prometheus metrics)."""
 
-    endpoint: str
-    metrics: str
+    endpoint: str  # the proxy's
+    proxy: CountingProxy
     options: dict[str, str]
     proc: subprocess.Popen
 
     def requests(self, bucket: str) -> dict[str, int]:
-        """Requests served so far for ``bucket``, by S3 action."""
-        text = urllib.request.urlopen(self.metrics, timeout=10).read().decode()
-        found: dict[str, int] = {}
-        for line in text.splitlines():
-            if not line.startswith("SeaweedFS_s3_request_total{"):
-                continue
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-            if labels.get("bucket") == bucket:
-                kind = labels.get("type", "?")
-                found[kind] = found.get(kind, 0) + int(float(line.rsplit(" ", 1)[1]))
-        return found
+        """Requests made so far on ``bucket``, by HTTP method."""
+        return dict(self.proxy.methods(f"/{bucket}"))
 
     def filesystem(self):
         import s3fs
@@ -209,7 +201,7 @@ class CountingS3:
 
 @contextmanager
 def counting_s3(weed: str, base_port: int = 18333) -> Iterator[CountingS3]:
-    """Start ``weed mini`` on 127.0.0.1 with S3 metrics; stop it afterwards."""
+    """Start ``weed mini`` on 127.0.0.1 behind a counting proxy; stop both afterwards."""
     root = Path(tempfile.mkdtemp(prefix="embedjob-scale-s3-"))
     key, secret = "scale", "scale-secret"
     creds = root / "s3.json"
@@ -220,20 +212,21 @@ def counting_s3(weed: str, base_port: int = 18333) -> Iterator[CountingS3]:
              "s3": base_port + 3, "admin": base_port + 4, "webdav": base_port + 5}
     (root / "data").mkdir()
     cmd = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-s3.config={creds}", f"-s3.metricsPort={base_port + 6}",
-           *(f"-{name}.port={port}" for name, port in ports.items())]
+           f"-s3.config={creds}", *(f"-{name}.port={port}" for name, port in ports.items())]
     with open(root / "weed.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    proxy = CountingProxy(f"http://127.0.0.1:{ports['s3']}").__enter__()
     server = CountingS3(
-        endpoint=endpoint, metrics=f"http://127.0.0.1:{base_port + 6}/metrics",
+        endpoint=proxy.endpoint, proxy=proxy,
         options={"aws_access_key_id": key, "aws_secret_access_key": secret,
-                 "aws_endpoint": endpoint, "aws_region": "us-east-1", "allow_http": "true"},
+                 "aws_endpoint": proxy.endpoint, "aws_region": "us-east-1",
+                 "allow_http": "true"},
         proc=proc)
     try:
         _wait(server)
         yield server
     finally:
+        proxy.__exit__(None, None, None)
         proc.terminate()
         try:
             proc.wait(timeout=15)
@@ -247,7 +240,6 @@ def _wait(server: CountingS3, timeout_s: float = 90) -> None:
     while time.monotonic() < deadline:
         try:
             server.filesystem().ls("/")
-            urllib.request.urlopen(server.metrics, timeout=2).read()
             return
         except Exception:  # noqa: BLE001 - not up yet, whatever the error
             time.sleep(0.5)
