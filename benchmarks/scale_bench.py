@@ -15,7 +15,8 @@ single registry's dict for comparison.
 prints wall time, rows/s, the driver's and the largest Ray worker's peak RSS (VmRSS of every
 process sampled every 0.5 s, also printed per role: IdShard, read, tokenize, encode actor,
 write, raylet, ...), the duplicate-id shards' numpy bytes per row, the requests to the store
-per input file (``--store s3``: a SeaweedFS server's own metrics, per bucket; ``local``: n/a),
+per input file (``--store s3``: counted by a proxy in front of a SeaweedFS server; ``local``:
+n/a),
 the last manifest's bytes and the data files written. The last line is one JSON object.
 """
 
