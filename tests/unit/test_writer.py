@@ -79,3 +79,9 @@ def test_batch_key_names_values_not_buffers():
     assert batch_key(rows.slice(4, 4)) == batch_key(pa.table({S.UNIT: ["a"] * 4,
                                                               S.ROW: pa.array(range(4, 8))}))
     assert Counter([batch_key(rows.slice(i, 1)) for i in range(8)]).most_common(1)[0][1] == 1
+
+
+def test_batch_key_tells_chunks_of_one_row_apart():
+    first = pa.table({S.UNIT: ["a"] * 2, S.ROW: pa.array([7, 7]), S.CHUNK: pa.array([0, 1])})
+    second = pa.table({S.UNIT: ["a"] * 2, S.ROW: pa.array([7, 7]), S.CHUNK: pa.array([2, 3])})
+    assert batch_key(first) != batch_key(second)
