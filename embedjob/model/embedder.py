@@ -317,6 +317,13 @@ class Embedder:
 
     def _states_padded(self, ids: Sequence[np.ndarray], extra: dict[str, Any]) -> torch.Tensor:
         """The final token states of one right-padded forward: fp32 [n, longest, H]."""
+        return self._forward_padded(ids, extra)[0].float()
+
+    def _forward_padded(self, ids: Sequence[np.ndarray], extra: dict[str, Any]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One right-padded forward in the current adapter state: the final token states
+        [n, longest, H] (the model's dtype) and the attention mask [n, longest], on the device.
+        ``extra``: model kwargs from ``_adapters``."""
         lengths = np.array([len(x) for x in ids])
         longest = int(lengths.max())
         host = np.full((2, len(ids), longest), self.pad_id, dtype=np.int64)  # ids, mask
@@ -324,9 +331,11 @@ class Embedder:
             host[0, i, : len(x)] = x
         host[1] = np.arange(longest)[None, :] < lengths[:, None]
         input_ids, mask = self._to_device(host)  # [n, L] each
+        # No padding: no mask, so SDPA may use its flash kernel (transformers would otherwise
+        # read mask.all() on the device to find that out).
         out = self._call_model(extra, input_ids=input_ids,
                                attention_mask=None if lengths.min() == longest else mask)
-        return out.last_hidden_state.float()
+        return out.last_hidden_state, mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                 tasks: Sequence[str | None], **model_kwargs: Any) -> Any:
@@ -403,19 +412,9 @@ class Embedder:
         """Right-padded forward in the current adapter state; normalised fp32 [n, H], on the
         device. ``extra``: model kwargs from ``_adapters``; ``row_tasks``: each row's task
         (its prompt is left out of pooling when the model says so)."""
-        lengths = np.array([len(x) for x in ids])
-        longest = int(lengths.max())
-        host = np.full((2, len(ids), longest), self.pad_id, dtype=np.int64)  # ids, mask
-        for i, x in enumerate(ids):
-            host[0, i, : len(x)] = x
-        host[1] = np.arange(longest)[None, :] < lengths[:, None]
-        input_ids, mask = self._to_device(host)  # [n, L] each
-        # No padding: no mask, so SDPA may use its flash kernel (transformers would otherwise
-        # read mask.all() on the device to find that out).
-        out = self._call_model(extra, input_ids=input_ids,
-                               attention_mask=None if lengths.min() == longest else mask)
+        states, mask = self._forward_padded(ids, extra)
         skip = self._skip(row_tasks)
-        return self._finish(pool(out.last_hidden_state, mask, self.spec.pooling,
+        return self._finish(pool(states, mask, self.spec.pooling,
                                  None if skip is None else skip.to(mask.device)), normalize)
 
     def _pool_packed(self, ids: Sequence[np.ndarray], task: str | None,
