@@ -135,6 +135,11 @@ class EmbedConfig:
         2, commands=RUNS,
         help="blocks queued on each encode actor (Ray's max_tasks_in_flight_per_actor): the "
              "next block's transfer overlaps the current block's forwards")
+    encoder_crash_retries: int = knob(
+        2, commands=RUNS,
+        help="deaths of an encode actor's process one block may cause before its rows are "
+             "encoded one by one, and one row alone before it is rejected ('crashes the "
+             "encoder'): a row that kills the process costs at most twice this many restarts")
     tokenize_tasks: int | None = knob(
         None, commands=RUNS,
         help="most tokenize tasks at once (default: as CPUs allow; `embedjob plan` measures "
@@ -265,7 +270,7 @@ class EmbedConfig:
         object.__setattr__(self, "num_actors", _actor_count(self.num_actors))
         for name in ("max_tokens_per_batch", "window_rows", "tokenize_batch_rows",
                      "write_batch_rows", "read_memory_bytes", "actor_prefetch",
-                     "read_unit_bytes", "rows_per_file"):
+                     "encoder_crash_retries", "read_unit_bytes", "rows_per_file"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 1, name, value, "an integer >= 1")
         _require(self.limit is None or (_is_int(self.limit) and self.limit >= 1), "limit",

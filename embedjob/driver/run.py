@@ -20,6 +20,7 @@ from embedjob.driver.stop import Stop, StopRequested, stop_on_signal
 from embedjob.errors import BugError, RunStopped
 from embedjob.schema import Counts
 from embedjob.stages.check import OutputLookup
+from embedjob.stages.crashes import CrashWatch
 from embedjob.stages.dedupe import DuplicateIndex, source_files
 from embedjob.stages.encode import EncodeActor
 from embedjob.stages.read import unit_file
@@ -46,6 +47,7 @@ class Summary(Counts):
     commits: int
     task: str | None
     dims: list[int]
+    encoder_deaths: int = 0  # encode actor processes that died with a block in flight
 
     def line(self) -> str:
         return (
@@ -145,6 +147,8 @@ def _run(plan: RunPlan, started: float, keep_ids: bool, encoder: type,
         _prepare_resume(plan, committer)
     index = None if config.assume_unique_ids else _find_duplicates(plan, keep_ids)
     plan = replace(plan, tokenize=replace(plan.tokenize, duplicates=index))
+    crashes = CrashWatch.create(config.encoder_crash_retries)
+    plan = replace(plan, encode=replace(plan.encode, crashes=crashes))
     reporter.started(plan)
     if plan.units:
         results = pipeline.build(plan, tracker=committer.tracker,
@@ -163,7 +167,7 @@ def _run(plan: RunPlan, started: float, keep_ids: bool, encoder: type,
     reporter.finished()
     _check_duplicates(plan, committer, index)
     # The last commit: the rest of the rows, the units they finish, the summary, "complete".
-    summary = _summary(plan, committer, time.monotonic() - started)
+    summary = _summary(plan, committer, time.monotonic() - started, crashes.deaths())
     committer.commit(create=True, last_run=json.dumps(asdict(summary)))
     if committer.main.version != summary.table_version:  # another writer committed too
         logger.warning("output is at version %s, not %s: another writer committed meanwhile",
@@ -261,7 +265,8 @@ def _check_duplicates(plan: RunPlan, committer: Committer, index: DuplicateIndex
                        f"{committer.counts.rows_duplicate} were rejected as duplicates")
 
 
-def _summary(plan: RunPlan, committer: Committer, wall_s: float) -> Summary:
+def _summary(plan: RunPlan, committer: Committer, wall_s: float, encoder_deaths: int
+             ) -> Summary:
     counts = committer.counts
     return Summary(
         **counts.counters(),
@@ -279,6 +284,7 @@ def _summary(plan: RunPlan, committer: Committer, wall_s: float) -> Summary:
         commits=committer.main.commits + 1,  # made before the last commit, counting it
         task=plan.task,
         dims=list(plan.dims),
+        encoder_deaths=encoder_deaths,
     )
 
 

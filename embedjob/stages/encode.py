@@ -35,6 +35,7 @@ from embedjob import schema as S
 from embedjob.errors import BugError
 from embedjob.schema import Status
 from embedjob.stages import quantize
+from embedjob.stages.crashes import CrashWatch, block_key, row_keys
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class EncodeSpec:
         float_dims: Dims whose float column is stored (None: every dim).
         int8_ranges: Dim -> the stamped per-dim calibration range (lo, hi), each [dim].
         chunking: ``late``: window rows, one output row per chunk (``stages.late``).
+        crashes: The run's ledger of blocks and rows that killed an actor (``stages.crashes``);
+            None: not watched (a crashing row would be retried for ever).
     """
 
     model: str
@@ -73,6 +76,7 @@ class EncodeSpec:
     float_dims: tuple[int, ...] | None = None
     int8_ranges: Mapping[int, tuple[list[float], list[float]]] = field(default_factory=dict)
     chunking: str = "none"
+    crashes: CrashWatch | None = None
 
 
 class EncodeActor:
@@ -113,7 +117,7 @@ class EncodeActor:
         reasons = table.column(S.REASON).to_pylist()
         rows = _row_ids(table.column(S.INPUT_IDS))
         batch_of = table.column(S.BATCH).to_numpy()
-        self._encode_block(rows, batch_runs(batch_of), vectors, processed, reasons)
+        self._encode_watched(table, rows, batch_runs(batch_of), vectors, processed, reasons)
         late = [i for i in range(n) if batch_of[i] >= 0 and reasons[i] is not None]
         for i in late:
             statuses[i] = Status.REJECTED
@@ -139,6 +143,40 @@ class EncodeActor:
     def encode_ids(self, ids: list[np.ndarray]) -> np.ndarray:
         """One forward: float32 [len(ids), hidden]."""
         return self.embedder.encode_ids(ids, task=self.spec.task, packed=self.spec.packed)
+
+    def _encode_watched(
+        self,
+        table: pa.Table,
+        rows: list[np.ndarray],
+        runs: list[range],
+        vectors: np.ndarray,
+        processed: np.ndarray,
+        reasons: list[str | None],
+    ) -> None:
+        """``_encode_block`` with its start recorded in the crash ledger; a block that killed
+        actors ``retries`` times goes row by row, and a row that did is rejected."""
+        watch = self.spec.crashes
+        if watch is None or not runs:
+            self._encode_block(rows, runs, vectors, processed, reasons)
+            return
+        keys = row_keys(table)
+        encoded = np.concatenate([np.arange(r.start, r.stop) for r in runs])
+        block = block_key(keys, encoded)
+        deaths = watch.start(block)
+        if deaths < watch.retries:
+            self._encode_block(rows, runs, vectors, processed, reasons)
+        else:
+            logger.warning("a block of %d rows killed %d encode actors; encoding it row by row",
+                           len(encoded), deaths)
+            for i in encoded.tolist():
+                row_deaths = watch.start(keys[i])
+                if row_deaths >= watch.retries:
+                    reasons[i] = watch.reason(row_deaths)
+                    logger.warning("row %s rejected: %s", keys[i], reasons[i])
+                    continue
+                self._encode_run(rows, i, i + 1, vectors, processed, reasons)
+                watch.finish(keys[i])
+        watch.finish(block)
 
     def _encode_block(
         self,

@@ -30,6 +30,9 @@ ENCODE_DELAY_S = "EMBEDJOB_TEST_ENCODE_DELAY_S"
 # a forward costing more tokens than this (padded: rows x longest row; packed: sum of
 # lengths) raises torch.OutOfMemoryError, as a GPU would
 OOM_ABOVE_TOKENS = "EMBEDJOB_TEST_OOM_ABOVE_TOKENS"
+# comma-separated ids: a forward holding one of these rows ends the actor's process at once
+# (os._exit: no exception, no cleanup), as a segfault in a kernel would, on every try
+CRASH_ON_IDS = "EMBEDJOB_TEST_CRASH_ON_IDS"
 
 
 def value(name: str) -> str | None:
@@ -58,28 +61,39 @@ def injected(name: str, setting: str) -> Iterator[None]:
 
 
 class FaultyEncodeActor(EncodeActor):
-    """``EncodeActor`` with two hooks, read when the actor starts: a delay per call
-    (``ENCODE_DELAY_S``) and simulated out-of-memory errors for forwards costing more than
-    ``OOM_ABOVE_TOKENS`` tokens."""
+    """``EncodeActor`` with three hooks, read when the actor starts: a delay per call
+    (``ENCODE_DELAY_S``), simulated out-of-memory errors for forwards costing more than
+    ``OOM_ABOVE_TOKENS`` tokens, and rows that end the process (``CRASH_ON_IDS``)."""
 
     def __init__(self, spec: EncodeSpec) -> None:
         super().__init__(spec)
         self.delay_s = float(value(ENCODE_DELAY_S) or 0)
         self.oom_above_tokens = int(value(OOM_ABOVE_TOKENS) or 0)
+        self.crash_on_ids = set(filter(None, (value(CRASH_ON_IDS) or "").split(",")))
+        self.crashing: set[bytes] = set()  # token ids of this block's crashing rows
 
     def __call__(self, table):
         if self.delay_s:
             time.sleep(self.delay_s)
+        ids = table.column("_id").to_pylist()
+        self.crashing = {np.asarray(t, np.int32).tobytes()
+                         for i, t in zip(ids, table.column("input_ids").to_pylist(), strict=True)
+                         if str(i) in self.crash_on_ids}
         return super().__call__(table)
 
     def encode_batches(self, batches: list[list[np.ndarray]]) -> list[np.ndarray]:
         for ids in batches:
-            self._simulate_oom(ids)
+            self._simulate_faults(ids)
         return super().encode_batches(batches)
 
     def encode_ids(self, ids: list[np.ndarray]) -> np.ndarray:
-        self._simulate_oom(ids)
+        self._simulate_faults(ids)
         return super().encode_ids(ids)
+
+    def _simulate_faults(self, ids: list[np.ndarray]) -> None:
+        if any(np.asarray(x, np.int32).tobytes() in self.crashing for x in ids):
+            os._exit(13)  # the process dies mid-forward, as on a segfault
+        self._simulate_oom(ids)
 
     def _simulate_oom(self, ids: list[np.ndarray]) -> None:
         cost = forward_cost(ids, self.spec.packed)
