@@ -139,6 +139,13 @@ TRANSIENT_MESSAGES: tuple[str, ...] = (
     "error sending request",  # object_store (Lance): the request never got an answer
 )
 RETRY_BUDGET_S = 60.0  # give up after this long: longer than a server restart, shorter than a page
+_RETRIES = [0]  # retries this process made in Backoff / retry_transient (``retries_made``)
+
+
+def retries_made() -> int:
+    """Retries this process's own backoff loops made so far (a run's summary reports the
+    driver's; the storage clients' per-request retries happen inside them, unseen)."""
+    return _RETRIES[0]
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -176,6 +183,7 @@ class Backoff:
                 f"{self.what} still failing after {self.attempt} attempts over "
                 f"{self.budget_s:.0f} s of transient errors; last: {type(exc).__name__}: {exc}"
             ) from exc
+        _RETRIES[0] += 1
         logger.warning("%s failed (attempt %d, retrying in %.1f s): %s", self.what,
                        self.attempt, self.delay, exc)
         time.sleep(self.delay * (0.5 + random.random() / 2))

@@ -17,7 +17,7 @@ from embedjob.driver.commit import Committer, TableCommitter
 from embedjob.driver.lease import Lease
 from embedjob.driver.preflight import RunPlan, plan_run
 from embedjob.driver.stop import Stop, StopRequested, stop_on_signal
-from embedjob.errors import BugError, RunStopped
+from embedjob.errors import BugError, RunStopped, retries_made
 from embedjob.schema import Counts
 from embedjob.stages.check import OutputLookup
 from embedjob.stages.crashes import CrashWatch
@@ -48,6 +48,9 @@ class Summary(Counts):
     task: str | None
     dims: list[int]
     encoder_deaths: int = 0  # encode actor processes that died with a block in flight
+    # retries of the driver's own backoff loops (lease, opening the output to commit); the
+    # storage clients retry each request themselves, unseen (README "Transient errors")
+    transient_retries: int = 0
 
     def line(self) -> str:
         return (
@@ -120,23 +123,27 @@ def run_keeping_ids(config: EmbedConfig, *, lookup: OutputLookup | None = None,
         return None, None
     if lookup is not None:
         plan = replace(plan, tokenize=replace(plan.tokenize, lookup=lookup))
+    retries = retries_made()
     try:
         with stop_on_signal() as stop, Lease(output=config.output, ttl_s=config.lease_ttl_s,
                                              storage=plan.storage) as lease:
             summary, index = _run(plan, started, keep_ids, encoder or EncodeActor, calibration,
-                                  lease, reporter, stop)
+                                  lease, reporter, stop, retries)
     except StopRequested as stop:  # outside the result loop: nothing new was committed
         raise RunStopped(f"stopped by {stop}: nothing new committed; {_RESUME}",
                          stop.exit_code) from None
+    # the lease's release included (the summary committed in the table counts until then)
+    summary = replace(summary, transient_retries=retries_made() - retries)
     if config.summary_json:
         write_json(config.summary_json, asdict(summary))
     return summary, index
 
 
 def _run(plan: RunPlan, started: float, keep_ids: bool, encoder: type,
-         calibration: str | None, lease: Lease, reporter: Reporter, stop: Stop
-         ) -> tuple[Summary, DuplicateIndex | None]:
-    """The run proper, under the output's lease."""
+         calibration: str | None, lease: Lease, reporter: Reporter, stop: Stop,
+         retries_at_start: int) -> tuple[Summary, DuplicateIndex | None]:
+    """The run proper, under the output's lease (``retries_at_start``: ``retries_made()``
+    before the lease was taken)."""
     config = plan.config
     _init_ray(config, reporter.forward_worker_logs)
     stop.reinstall()
@@ -167,7 +174,8 @@ def _run(plan: RunPlan, started: float, keep_ids: bool, encoder: type,
     reporter.finished()
     _check_duplicates(plan, committer, index)
     # The last commit: the rest of the rows, the units they finish, the summary, "complete".
-    summary = _summary(plan, committer, time.monotonic() - started, crashes.deaths())
+    summary = replace(_summary(plan, committer, time.monotonic() - started, crashes.deaths()),
+                      transient_retries=retries_made() - retries_at_start)
     committer.commit(create=True, last_run=json.dumps(asdict(summary)))
     if committer.main.version != summary.table_version:  # another writer committed too
         logger.warning("output is at version %s, not %s: another writer committed meanwhile",
