@@ -135,6 +135,10 @@ class EmbedConfig:
         2, commands=RUNS,
         help="blocks queued on each encode actor (Ray's max_tasks_in_flight_per_actor): the "
              "next block's transfer overlaps the current block's forwards")
+    actor_resources: tuple[str, ...] = knob(
+        (), commands=RUNS, metavar="NAME=AMOUNT,...",
+        help="custom Ray resources each encode actor asks for (e.g. encode_node=1 places the "
+             "actors only on nodes started with --resources='{\"encode_node\": N}')")
     encoder_crash_retries: int = knob(
         2, commands=RUNS,
         help="deaths of an encode actor's process one block may cause before its rows are "
@@ -257,7 +261,7 @@ class EmbedConfig:
         help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
 
     def __post_init__(self) -> None:
-        for name in ("dims", "keep_columns", "quantize", "no_float_dims"):
+        for name in ("dims", "keep_columns", "quantize", "no_float_dims", "actor_resources"):
             object.__setattr__(self, name, as_tuple(name, getattr(self, name)))
         _require(bool(self.input), "input", self.input, "a file, directory, prefix or glob")
         if self.revision is not None:
@@ -289,6 +293,7 @@ class EmbedConfig:
         for entry in self.quantize:
             _parse_quantize(entry)
         self._check_chunking()
+        self.actor_resource_amounts  # noqa: B018  (validates every entry)
         _require(self.id_column != self.text_column, "id_column", self.id_column,
                  f"a column other than --text-column {self.text_column!r}")
         reserved = set(S.OUTPUT_COLUMNS) | {self.id_column}
@@ -330,6 +335,24 @@ class EmbedConfig:
             f"cannot infer the format of input {self.input!r} from its extension; "
             f"pass --format, one of {list(FORMATS)}"
         )
+
+    @property
+    def actor_resource_amounts(self) -> dict[str, float]:
+        """``actor_resources`` as Ray's ``resources`` argument: name -> amount."""
+        amounts = {}
+        for entry in self.actor_resources:
+            name, _, amount = entry.partition("=")
+            try:
+                value = float(amount)
+            except ValueError:
+                value = -1.0
+            if not name or value <= 0 or name in ("CPU", "GPU", "memory"):
+                raise ConfigError(
+                    f"--actor-resources {entry!r} is not allowed; expected NAME=AMOUNT with a "
+                    "custom resource name (not CPU, GPU or memory) and an amount > 0, e.g. "
+                    "encode_node=1")
+            amounts[name] = value
+        return amounts
 
     def quantize_plan(self, dims: tuple[int, ...]) -> dict[int, tuple[str, ...]]:
         """``quantize`` resolved against the stored ``dims``: dim -> its quantized forms.

@@ -87,6 +87,7 @@ def build(plan: RunPlan, *, tracker: ray.actor.ActorHandle, writers: tuple = (),
             min_size=min_actors, max_size=max_actors,
             max_tasks_in_flight_per_actor=cfg.actor_prefetch),
         num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor,
+        resources=cfg.actor_resource_amounts or None,  # custom resources: which nodes
     )
     return vectors.map_batches(
         write_block, fn_kwargs={"spec": plan.write, "writers": writers},

@@ -1,0 +1,135 @@
+"""Node loss: a real two-node Ray cluster on this machine (``ray start --head`` and a worker
+node ``ray start --address=...`` with a custom ``encode_node`` resource); the encode actors
+ask for that resource (``--actor-resources encode_node=1``), so they run only on the worker
+node. The worker node's raylet and every process it started are SIGKILLed mid-run, a
+replacement worker node joins, and the run completes with every id exactly once.
+
+The driver is a subprocess (the CLI with the fault-injecting encode actor, slowed by the
+``ENCODE_DELAY_S`` hook, set in the worker nodes' environment: Ray workers inherit their
+raylet's). Slow: two extra raylets and a node-death detection on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.faults import hooks as faults
+from tests.pipeline.test_resume import (
+    _check_exactly_once,
+    _command,
+    _start_until_a_unit_is_committed,
+    _write_corpus,
+)
+
+pytestmark = [pytest.mark.pipeline, pytest.mark.faults, pytest.mark.slow]
+RAY = str(Path(sys.executable).parent / "ray")
+JOIN_TIMEOUT_S = 120  # a node counts as joined once the cluster shows its resource
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _node_ports() -> list[str]:
+    """Ports of their own for one node: two nodes on one machine must not share them."""
+    names = ["node-manager-port", "object-manager-port", "metrics-export-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "runtime-env-agent-port"]
+    return [f"--{name}={port}" for name, port in zip(names, _free_ports(len(names)),
+                                                      strict=True)]
+
+
+def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """``ray start ... --block`` in a session of its own: killpg ends the node and all it
+    started (raylet, object store, workers)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args,
+                                 *_node_ports()], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _wait_for_nodes(address: str, env: dict, resource: str, count: int) -> None:
+    """Until ``count`` live nodes offer ``resource`` (asked in a subprocess: this test
+    process is connected to the session's own cluster)."""
+    probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
+             "print(sum(1 for n in ray.nodes() if n['Alive'] and "
+             "n['Resources'].get(sys.argv[2])))")
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        out = subprocess.run([sys.executable, "-c", probe, address, resource], env=env,
+                             capture_output=True, text=True, timeout=120)
+        if out.returncode == 0 and out.stdout.strip().endswith(str(count)):
+            return
+        time.sleep(1)
+    raise AssertionError(f"no {count} node(s) with {resource} within {JOIN_TIMEOUT_S} s")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def test_worker_node_lost_mid_run_a_replacement_joins_and_every_id_is_written_once(
+    s3_server, s3_prefix, golden_dir, embedder, tmp_path
+):
+    rows = _write_corpus(s3_server, s3_prefix)
+    gcs_port = _free_ports(1)[0]
+    address = f"127.0.0.1:{gcs_port}"
+    temp_dir = tempfile.mkdtemp(prefix="ejnl-", dir="/tmp")  # short: unix socket paths
+    # (Linux: the check that refuses multi-node clusters on Windows and macOS does not apply)
+    env = os.environ | s3_server.env | {"RAY_AUTH_MODE": "disabled",
+                                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    worker_env = env | {faults.ENCODE_DELAY_S: "0.5"}
+    head = worker = replacement = driver = None
+    try:
+        head = _start(["--head", f"--port={gcs_port}", "--num-cpus=2",
+                       "--include-dashboard=false", f"--temp-dir={temp_dir}",
+                       "--ray-client-server-port", str(_free_ports(1)[0])],
+                      env, tmp_path / "head.log")
+        _wait_for_nodes(address, env, "CPU", 1)  # a worker node needs the head registered
+        worker_args = [f"--address={address}", "--num-cpus=1",
+                       '--resources={"encode_node": 1}']
+        worker = _start(worker_args, worker_env, tmp_path / "worker.log")
+        _wait_for_nodes(address, env, "encode_node", 1)
+        out = s3_server.uri(s3_prefix, "out.lance")
+        command = [*_command(s3_server, s3_prefix, golden_dir, tmp_path / "summary.json"),
+                   "--actor-resources", "encode_node=1", "--cpus-per-actor", "1"]
+        started = time.monotonic()
+        with open(tmp_path / "driver.log", "wb") as driver_log:
+            driver, _ = _start_until_a_unit_is_committed(
+                command, env | {"RAY_ADDRESS": address}, out, s3_server.storage_options,
+                stdout=driver_log, stderr=subprocess.STDOUT)
+        assert driver.poll() is None, "the run ended before the node was lost"
+        _stop(worker)  # the worker node's raylet, object store and encode actor, at once
+        lost = time.monotonic()
+        time.sleep(5)
+        replacement = _start(worker_args, worker_env, tmp_path / "replacement.log")
+        driver.wait(timeout=400)
+        took = time.monotonic() - started
+        log = (tmp_path / "driver.log").read_text(errors="replace")
+        assert driver.returncode == 0, log[-4000:]
+        print(f"node loss: run took {took:.1f} s, {time.monotonic() - lost:.1f} s after the "
+              f"worker node was killed")
+        _check_exactly_once(s3_server, s3_prefix, rows, embedder)
+    finally:
+        for proc in (driver,):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        for node in (replacement, worker, head):
+            _stop(node)
