@@ -28,11 +28,23 @@ def test_unknown_keys_are_rejected_with_the_allowed_list():
         ("gpus_per_actor", -1, r"--gpus-per-actor -1 .* >= 0"),
         ("dims", "64,64", r"--dims \(64, 64\) .* distinct"),
         ("keep_columns", "vector", r"--keep-columns \['vector'\]"),
+        ("encoder_crash_retries", 0, r"--encoder-crash-retries 0 .* an integer >= 1"),
+        ("actor_resources", "GPU=1", r"--actor-resources 'GPU=1' is not allowed; expected "
+                                     r"NAME=AMOUNT .* amount > 0, e\.g\. encode_node=1"),
+        ("actor_resources", "encode_node=0", r"--actor-resources 'encode_node=0' is not"),
+        ("actor_resources", "encode_node", r"--actor-resources 'encode_node' is not"),
     ],
 )
 def test_bad_values_name_value_and_allowed(key, value, message):
     with pytest.raises(ConfigError, match=message):
         EmbedConfig.from_mapping({"input": "a.parquet", "output": "o.lance", key: value})
+
+
+def test_actor_resources_become_rays_resources_argument():
+    cfg = EmbedConfig(input="a.parquet", output="o.lance",
+                      actor_resources="encode_node=1,fast_disk=0.5")
+    assert cfg.actor_resource_amounts == {"encode_node": 1.0, "fast_disk": 0.5}
+    assert EmbedConfig(input="a.parquet", output="o.lance").actor_resource_amounts == {}
 
 
 @pytest.mark.parametrize(("value", "normalized", "actor_range"), [
