@@ -3,7 +3,7 @@ node ``ray start --address=...`` with a custom ``encode_node`` resource); the en
 ask for that resource (``--actor-resources encode_node=1``), so they run only on the worker
 node. The worker node's raylet and every process it started are SIGKILLed mid-run and a
 replacement worker node joins. Outcome: every id exactly once, either from the run itself or,
-when the run fails (seen in 1 of 2 runs here: the encode actor's in-flight call ended in
+when the run fails (seen in 2 of 3 runs here: the encode actor's in-flight call ended in
 Ray's ``ActorUnavailableError``, which Ray Data did not retry), from a clear failure message
 and a rerun that resumes from the last commit.
 
