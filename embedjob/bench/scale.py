@@ -9,7 +9,6 @@ encoder's forward is replaced.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from embedjob.bench import seaweed
 from embedjob.bench.s3_counter import CountingProxy
 from embedjob.stages.encode import EncodeActor, EncodeSpec
 
@@ -204,18 +204,9 @@ def counting_s3(weed: str, base_port: int = 18333) -> Iterator[CountingS3]:
     """Start ``weed mini`` on 127.0.0.1 behind a counting proxy; stop both afterwards."""
     root = Path(tempfile.mkdtemp(prefix="embedjob-scale-s3-"))
     key, secret = "scale", "scale-secret"
-    creds = root / "s3.json"
-    creds.write_text(json.dumps({"identities": [{
-        "name": "scale", "credentials": [{"accessKey": key, "secretKey": secret}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = {"master": base_port, "volume": base_port + 1, "filer": base_port + 2,
-             "s3": base_port + 3, "admin": base_port + 4, "webdav": base_port + 5}
-    (root / "data").mkdir()
-    cmd = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-s3.config={creds}", *(f"-{name}.port={port}" for name, port in ports.items())]
-    with open(root / "weed.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    proxy = CountingProxy(f"http://127.0.0.1:{ports['s3']}").__enter__()
+    proc, upstream = seaweed.start(weed, root, base_port=base_port, access_key=key,
+                                   secret_key=secret)
+    proxy = CountingProxy(upstream).__enter__()
     server = CountingS3(
         endpoint=proxy.endpoint, proxy=proxy,
         options={"aws_access_key_id": key, "aws_secret_access_key": secret,
@@ -227,11 +218,7 @@ def counting_s3(weed: str, base_port: int = 18333) -> Iterator[CountingS3]:
         yield server
     finally:
         proxy.__exit__(None, None, None)
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        seaweed.stop(proc)
         shutil.rmtree(root, ignore_errors=True)
 
 
