@@ -17,9 +17,11 @@ from dataclasses import replace
 import ray
 import ray.data
 
+from embedjob import schema as S
 from embedjob.driver.preflight import RunPlan
 from embedjob.stages.bucket import bucket_window
 from embedjob.stages.dedupe import DuplicateIndex, ScanSpec, scan_ids, source_files
+from embedjob.stages.diff import PART, DiffSpec, classify, input_keys, lineage_filter, output_keys
 from embedjob.stages.encode import EncodeActor
 from embedjob.stages.read import read_units, unit_file
 from embedjob.stages.tokens import tokenize_batch
@@ -54,19 +56,32 @@ def build(plan: RunPlan, *, tracker: ray.actor.ActorHandle, writers: tuple = (),
         writers: The ``RowWriter`` actors the write stage hands rows to.
         encoder: The encode stage's ``map_batches`` class (tests wrap ``EncodeActor``).
     """
-    cfg, cpu = plan.config, plan.config.cpus_per_task
-    min_actors, max_actors = cfg.actor_range
+    return embed(plan, read(plan, plan.units, tracker), writers=writers, encoder=encoder)
+
+
+def read(plan: RunPlan, units: list[str], tracker: ray.actor.ActorHandle | None
+         ) -> ray.data.Dataset:
+    """The read stage over ``units``: rows in the read stage's block schema."""
+    cfg = plan.config
     # each unit with its file's size from the listing: a read task opens it without a HEAD
-    units = ray.data.from_items([{"unit": u, "size": plan.sizes.get(unit_file(u))}
-                                 for u in plan.units],
-                                override_num_blocks=len(plan.units))
-    rows = units.map_batches(
+    items = ray.data.from_items([{"unit": u, "size": plan.sizes.get(unit_file(u))}
+                                 for u in units],
+                                override_num_blocks=max(1, len(units)))
+    return items.map_batches(
         read_units, fn_kwargs={"spec": plan.read, "tracker": tracker},
-        batch_size=1, batch_format=ARROW, num_cpus=cpu,
+        batch_size=1, batch_format=ARROW, num_cpus=cfg.cpus_per_task,
         # its own memory reservation also keeps Ray from fusing the read into the tokenize
         # stage, which would bundle window_rows units into one read task
         memory=cfg.read_memory_bytes,
     )
+
+
+def embed(plan: RunPlan, rows: ray.data.Dataset, *, writers: tuple,
+          encoder: type = EncodeActor) -> ray.data.Dataset:
+    """tokenize -> bucket -> encode -> write over read-stage rows (a run's, or the rows a
+    refresh's diff hands on)."""
+    cfg, cpu = plan.config, plan.config.cpus_per_task
+    min_actors, max_actors = cfg.actor_range
     tokens = rows.map_batches(
         tokenize_batch, fn_kwargs={"spec": plan.tokenize},
         # never gather more rows than a window sorts: Ray fuses this with the bucket stage
@@ -93,3 +108,26 @@ def build(plan: RunPlan, *, tracker: ray.actor.ActorHandle, writers: tuple = (),
         write_block, fn_kwargs={"spec": plan.write, "writers": writers},
         batch_size=cfg.write_batch_rows, batch_format=ARROW, num_cpus=cpu,
     )
+
+
+def diff(plan: RunPlan, spec: DiffSpec, units: list[str], files: list[str],
+         tracker: ray.actor.ActorHandle) -> ray.data.Dataset:
+    """A refresh's one distributed diff: the dirty ``units``' rows and the output's rows
+    whose lineage is one of ``files`` (pushed down to the Lance scan), hash-partitioned by
+    id, classified per partition (``stages.diff``)."""
+    cpu = plan.config.cpus_per_task
+    sides = []
+    if units:
+        sides.append(read(plan, units, tracker).map_batches(
+            input_keys, fn_kwargs={"spec": spec}, batch_format=ARROW, num_cpus=cpu))
+    if files:
+        held = ray.data.read_lance(
+            spec.output, version=spec.version, filter=lineage_filter(files),
+            columns=[S.OUT_ID, S.CONTENT_HASH, S.SOURCE_FILE, S.SOURCE_ROW],
+            scanner_options={"with_row_address": True},
+            storage_options=spec.storage.lance_options() or None)
+        sides.append(held.map_batches(output_keys, fn_kwargs={"spec": spec},
+                                      batch_format=ARROW, num_cpus=cpu))
+    both = sides[0].union(*sides[1:]) if len(sides) > 1 else sides[0]
+    return both.groupby(PART, num_partitions=spec.partitions).map_groups(
+        classify, fn_kwargs={"spec": spec}, batch_format=ARROW, num_cpus=cpu)

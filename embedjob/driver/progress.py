@@ -141,6 +141,28 @@ def record_from_history(dataset) -> ProgressRecord | None:
     return ProgressRecord(run_key=key, done=done, ranges=ranges, complete=complete)
 
 
+def committed_units(dataset) -> tuple[str | None, dict[str, str], dict[str, tuple[int, int]]]:
+    """What the newest run (or refresh) recorded, complete or not: (its run key,
+    unit -> fingerprint, unit -> key range), gathered back to its first commit. A refresh's
+    one commit records every unit of the corpus, so the walk stops there."""
+    key = None
+    done: dict[str, str] = {}
+    ranges: dict[str, tuple[int, int]] = {}
+    for version in sorted((v["version"] for v in dataset.versions()), reverse=True):
+        transaction = dataset.read_transaction(version)
+        props = (transaction.transaction_properties or {}) if transaction else {}
+        if S.TX_RUN_KEY not in props or props[S.TX_RUN_KEY] != (key or props[S.TX_RUN_KEY]):
+            continue
+        key = props[S.TX_RUN_KEY]
+        units: dict[str, str] = {}
+        spans: dict[str, tuple[int, int]] = {}
+        _add_units(props.get(S.TX_UNITS), units, spans)
+        done, ranges = units | done, spans | ranges  # a newer commit's record wins
+        if S.TX_RUN_START in props:
+            break
+    return key, done, ranges
+
+
 def commit_properties(key: str, finished: Mapping[str, tuple[str, tuple[int, int] | None]],
                       *, first: bool, last_run: str | None) -> dict[str, str]:
     """The transaction properties of one output commit (only what it adds).

@@ -68,7 +68,7 @@ def compact_unlocked(output: str, storage: Storage, retain_days: float,
     compact_files(output, storage_options=storage.lance_options(),
                   compaction_options=CompactionOptions(
                       target_rows_per_fragment=target_rows_per_fragment),
-                  num_workers=2)
+                  num_workers=_workers())
     if summary is not None:  # the run summary's commit may be cleaned up next: carry it
         carry_last_run(output, storage, summary)
     dataset = storage.open_lance(output)
@@ -78,6 +78,15 @@ def compact_unlocked(output: str, storage: Storage, retain_days: float,
                            stats.bytes_removed)
     logger.info("compacted %s: %s", output, report.line())
     return report
+
+
+def _workers() -> int:
+    """One compaction worker per CPU of the cluster (Ray's view; 2 without a cluster)."""
+    import ray
+
+    if not ray.is_initialized():
+        return 2
+    return max(1, int(ray.cluster_resources().get("CPU", 2)))
 
 
 def carry_last_run(output: str, storage: Storage, summary: str) -> None:

@@ -26,6 +26,11 @@ BINARY_INDEX, BINARY_METRIC = "IVF_FLAT", "hamming"
 MIN_INDEX_ROWS = 256
 ROWS_PER_PARTITION_MIN = 256
 MAX_PARTITIONS = 4096
+# From this many rows an IVF_PQ index is built by ``lance_ray.create_index`` (segments
+# trained and assigned on Ray workers, one per cluster CPU, then merged); below, one
+# process builds it in minutes and a Ray pool's start would cost more than it saves.
+DISTRIBUTED_INDEX_ROWS = 10_000_000
+DISTRIBUTED_TYPES = ("IVF_PQ",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +104,30 @@ def build_index(uri: str, *, column: str, index_type: str = "IVF_PQ",
         kwargs["num_sub_vectors"] = sub_vectors
     logger.info("building %s (%s) on %s of %s: %d rows, dim %d, %s", index_type, metric,
                 column, uri, rows, dim, kwargs)
-    dataset.create_index(column, index_type=index_type, metric=metric, replace=True,
-                         name=f"{column}_idx", **kwargs)
+    if rows >= DISTRIBUTED_INDEX_ROWS and index_type in DISTRIBUTED_TYPES:
+        _create_distributed(uri, column, index_type, metric, kwargs, storage)
+    else:
+        dataset.create_index(column, index_type=index_type, metric=metric, replace=True,
+                             name=f"{column}_idx", **kwargs)
     return IndexPlan(column=column, index_type=index_type, metric=metric,
                      num_partitions=partitions, num_sub_vectors=sub_vectors, rows=rows, dim=dim)
+
+
+def _create_distributed(uri: str, column: str, index_type: str, metric: str,
+                        kwargs: dict[str, Any], storage: Storage | None) -> None:
+    """``lance_ray.create_index`` with one worker per cluster CPU (a local Ray otherwise)."""
+    import ray
+    from lance_ray import create_index
+
+    if not ray.is_initialized():
+        ray.init(address="auto" if _cluster() else "local", include_dashboard=False)
+    workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    create_index(uri, column=column, index_type=index_type, name=f"{column}_idx",
+                 replace=True, metric=metric, num_workers=workers,
+                 storage_options=(storage or Storage()).lance_options() or None, **kwargs)
+
+
+def _cluster() -> bool:
+    import os
+
+    return bool(os.environ.get("RAY_ADDRESS"))
