@@ -282,7 +282,9 @@ def _commit(plan, spec: D.DiffSpec, dirty: Dirty, work: Work, started: float):
     from embedjob.driver import progress
 
     cfg, storage = plan.config, plan.storage
-    _commit_rejected(cfg.rejected_uri, storage, dirty.files, work)
+    # new files too: a rerun after a crash between the two commits replaces their rows
+    replaced = sorted(set(dirty.files) | {unit_file(u) for u in dirty.units})
+    _commit_rejected(cfg.rejected_uri, storage, replaced, work)
     removed, updated = _deletions(spec, work.deleted, cfg.cpus_per_task)
     summary = _summary(plan, spec, work, time.monotonic() - started)
     finished = dict(dirty.clean)
@@ -306,9 +308,9 @@ def commit_output(uri: str, storage: Storage, transaction: Transaction) -> None:
 
 
 def _commit_rejected(uri: str, storage: Storage, files: list[str], work: Work) -> None:
-    """Replace the rejected rows of the dirty and gone files (and of unchanged rows that
-    lost their id now) with this refresh's, in one commit. Rerunning it after a crash
-    before the output's commit replaces them again: the same end state."""
+    """Replace the rejected rows of ``files`` (every file read, and the vanished ones) and
+    of unchanged rows that lost their id now with this refresh's, in one commit. Rerun
+    after a crash before the output's commit, it replaces them again: the same end state."""
     terms = [pc.field(S.REJECTED_SOURCE).isin(files)] if files else []
     terms += [(pc.field(S.REJECTED_SOURCE) == s) & (pc.field(S.REJECTED_ROW) == r)
               for s, r in work.held_losers]
