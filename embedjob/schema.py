@@ -22,7 +22,6 @@ ID = "_id"  # the row's id, cast to the output id type
 TEXT = "_text"  # the text (null when not a string); dropped after tokenizing
 STATUS = "_status"  # int8 Status
 REASON = "_reason"  # why a row is rejected; null otherwise
-CHANGED = "_changed"  # refresh: the id exists in the output with another content hash
 INPUT_IDS = "input_ids"  # list<int32> token ids, prefix and special tokens included
 BATCH = "_batch"  # the forward a row belongs to (bucket stage); -1 for rows not encoded
 PROCESSED_TOKENS = "_processed_tokens"  # tokens the encoder processed for the row (padding)
@@ -38,7 +37,6 @@ class Status(enum.IntEnum):
 
     EMBED = 0  # embedded and written to the output
     REJECTED = 1  # set aside in the rejected table with its REASON
-    UNCHANGED = 2  # refresh: the output already holds this id with this content; counted only
 
 
 STATUS_TYPE = pa.int8()
@@ -250,11 +248,10 @@ def schema_metadata(schema: pa.Schema) -> dict[str, str]:
 
 # --- sibling tables and files beside an output ---------------------------------------------
 
-SiblingRole = Literal["rejected", "lease", "staging"]
+SiblingRole = Literal["rejected", "lease"]
 SIBLING_SUFFIXES: dict[str, str] = {
     "rejected": ".rejected.lance",  # rows set aside, with their reasons
     "lease": ".lease.json",  # who is writing the output, until when
-    "staging": ".staging.lance",  # a refresh's new and changed rows before the upsert
 }
 
 

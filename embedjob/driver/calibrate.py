@@ -7,7 +7,7 @@ vectors as stored, and stamps them (``schema.INT8_CALIBRATION``) before any row 
 encoded. The encode actors quantize with the stamped ranges only.
 
 Never re-calibrated silently: a resumed or appending run reads the ranges from the output's
-stamp, a refresh passes the table's ranges to its staging run, and search and eval quantize
+stamp, a refresh encodes with the table's ranges, and search and eval quantize
 queries with the table's. Only a stamp change (a refresh that re-embeds everything as a new
 version) calibrates again.
 """

@@ -19,7 +19,6 @@ from embedjob.driver.preflight import RunPlan, plan_run
 from embedjob.driver.stop import Stop, StopRequested, stop_on_signal
 from embedjob.errors import BugError, RunStopped, retries_made
 from embedjob.schema import Counts
-from embedjob.stages.check import OutputLookup
 from embedjob.stages.crashes import CrashWatch
 from embedjob.stages.dedupe import DuplicateIndex, source_files
 from embedjob.stages.encode import EncodeActor
@@ -82,17 +81,15 @@ class Reporter:
         """Every row is through (the final commit follows)."""
 
 
-def run(config: EmbedConfig, *, lookup: OutputLookup | None = None,
-        encoder: type | None = None, calibration: str | None = None,
+def run(config: EmbedConfig, *, encoder: type | None = None, calibration: str | None = None,
         reporter: Reporter | None = None) -> Summary | None:
     """Run one embed job to completion.
 
     Args:
         config: The job.
-        lookup: A refresh's view of the output: rows it holds unchanged are skipped.
         encoder: The encode stage's class (default ``EncodeActor``; tests wrap it).
-        calibration: An int8 calibration stamp to reuse (a refresh's staging run passes
-            its table's; default: the output's when adding to it, else calibrated anew).
+        calibration: An int8 calibration stamp to reuse (default: the output's when adding
+            to it, else calibrated anew).
         reporter: Told when the run starts, how far it is, when it is through.
 
     Returns:
@@ -102,12 +99,11 @@ def run(config: EmbedConfig, *, lookup: OutputLookup | None = None,
     Raises:
         EmbedError: a configuration or storage problem, before any model loads.
     """
-    return run_keeping_ids(config, lookup=lookup, encoder=encoder, calibration=calibration,
+    return run_keeping_ids(config, encoder=encoder, calibration=calibration,
                            reporter=reporter)[0]
 
 
-def run_keeping_ids(config: EmbedConfig, *, lookup: OutputLookup | None = None,
-                    keep_ids: bool = False, encoder: type | None = None,
+def run_keeping_ids(config: EmbedConfig, *, keep_ids: bool = False, encoder: type | None = None,
                     calibration: str | None = None, reporter: Reporter | None = None
                     ) -> tuple[Summary | None, DuplicateIndex | None]:
     """``run``, also returning the duplicate-id shards (with the distinct ids of the corpus
@@ -121,8 +117,6 @@ def run_keeping_ids(config: EmbedConfig, *, lookup: OutputLookup | None = None,
     if config.dry_run:
         reporter.planned(plan)
         return None, None
-    if lookup is not None:
-        plan = replace(plan, tokenize=replace(plan.tokenize, lookup=lookup))
     retries = retries_made()
     try:
         with stop_on_signal() as stop, Lease(output=config.output, ttl_s=config.lease_ttl_s,

@@ -39,7 +39,7 @@ class BucketSpec:
 
 def bucket_window(table: pa.Table, *, spec: BucketSpec) -> pa.Table:
     """``map_batches`` body over ``window_rows`` rows: rows to embed first, sorted by length
-    and numbered by batch; the others (rejected, unchanged) after them with batch -1."""
+    and numbered by batch; the others (rejected) after them with batch -1."""
     todo = table.column(S.STATUS).to_numpy() == Status.EMBED
     lengths = table.column(S.N_TOKENS).to_numpy()
     valid = np.flatnonzero(todo)

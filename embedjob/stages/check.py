@@ -1,27 +1,21 @@
 """Row checks before tokenization (duplicate ids as the pre-pass of ``stages.dedupe``
-decided them), and (refresh) the lookup of what the output already holds.
+decided them).
 
 A row that fails a check is not embedded: it keeps flowing with status REJECTED and its
-reason, and the write stage puts it in the rejected table. A refresh marks rows whose id and
-content the output already holds UNCHANGED: they are counted, never embedded or written.
-Nothing is dropped silently.
+reason, and the write stage puts it in the rejected table. Nothing is dropped silently. (A
+refresh's unchanged rows never reach this stage: ``stages.diff`` keeps them out.)
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import unicodedata
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from embedjob import schema as S
-from embedjob.schema import Status
 from embedjob.stages.dedupe import DuplicateIndex
-from embedjob.storage import Storage
 
 # Reasons, one place, so tests and docs name the same strings.
 NULL_ID = "id is null"
@@ -89,44 +83,3 @@ def check_rows(table: pa.Table, duplicates: DuplicateIndex | None) -> list[str |
 def content_hash(text: str) -> str:
     """Stable hash of the corpus text as embedded (before the task prefix), 128-bit hex."""
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-
-
-@dataclass(frozen=True, kw_only=True)
-class OutputLookup:
-    """What the output held when a refresh started (a pinned version), looked up per batch.
-
-    Rows whose id the output holds with the same content hash become UNCHANGED; rows whose
-    id it holds with another hash are flagged changed.
-    """
-
-    uri: str
-    version: int
-    storage: Storage = field(default_factory=Storage)
-
-    def hashes(self, ids: list) -> dict:
-        """id -> content_hash of the rows among ``ids`` that the table holds."""
-        wanted = [i for i in ids if i is not None]
-        if not wanted:
-            return {}
-        dataset = _pinned(self.uri, self.version, self.storage)
-        found = dataset.to_table(columns=[S.OUT_ID, S.CONTENT_HASH],
-                                 filter=pc.field(S.OUT_ID).isin(wanted))
-        return dict(zip(found.column(S.OUT_ID).to_pylist(),
-                        found.column(S.CONTENT_HASH).to_pylist(), strict=True))
-
-    def mark(self, ids: list, hashes: list, statuses: list[Status]) -> list[bool]:
-        """Set UNCHANGED on rows whose hash the table already holds; return changed flags."""
-        known = self.hashes([ids[i] for i, s in enumerate(statuses) if s == Status.EMBED])
-        changed = [False] * len(ids)
-        for i, status in enumerate(statuses):
-            if status == Status.EMBED and ids[i] in known:
-                if known[ids[i]] == hashes[i]:
-                    statuses[i] = Status.UNCHANGED
-                else:
-                    changed[i] = True
-        return changed
-
-
-@functools.lru_cache(maxsize=4)
-def _pinned(uri: str, version: int, storage: Storage):
-    return storage.open_lance(uri, version=version)

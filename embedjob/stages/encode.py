@@ -1,7 +1,7 @@
 """Encode stage: actors that hold the model once, with the task's adapter merged.
 
 Each call gets a block of bucketed rows; every contiguous run of one ``_batch`` value is
-one forward. Rows not to embed (rejected, unchanged) pass through with null vectors so the
+one forward. Rows not to embed (rejected) pass through with null vectors so the
 write stage can set them aside. The stage checks one output per input.
 
 A forward that runs out of memory is split in halves and retried, down to single rows; a

@@ -30,7 +30,6 @@ class TokenizeSpec:
         model: The model's spec (tokenizer files, prefixes, max_tokens).
         task: The task whose instruction prefix is prepended (None: no prefix).
         storage: To fetch the tokenizer files again on a node without the driver's copy.
-        lookup: A refresh's view of the output: rows it holds unchanged are skipped.
         duplicates: The run's duplicate-id shards (None: ids are not checked, as with
             ``assume_unique_ids``).
         chunking: Cut documents into chunk rows (``stages.chunk_rows``); None: one row each.
@@ -39,7 +38,6 @@ class TokenizeSpec:
     model: ModelSpec
     task: str | None
     storage: Storage = field(default_factory=Storage)
-    lookup: check.OutputLookup | None = None
     duplicates: DuplicateIndex | None = None
     chunking: ChunkSpec | None = None
 
@@ -60,7 +58,7 @@ def _tokenizer(model: ModelSpec, storage: Storage) -> TextTokenizer:
 
 def tokenize_batch(table: pa.Table, *, spec: TokenizeSpec) -> pa.Table:
     """``map_batches`` body: status, reason, input_ids, n_tokens, truncated, content_hash and
-    the refresh's changed flag; the text is dropped.
+the text is dropped.
 
     Args:
         table: Rows of the read stage.
@@ -72,12 +70,9 @@ def tokenize_batch(table: pa.Table, *, spec: TokenizeSpec) -> pa.Table:
     n = table.num_rows
     hashes = [check.content_hash(t) if s == Status.EMBED else None
               for t, s in zip(texts, statuses, strict=True)]
-    changed = [False] * n
-    if spec.lookup is not None:
-        changed = spec.lookup.mark(table.column(S.ID).to_pylist(), hashes, statuses)
     todo = [i for i, s in enumerate(statuses) if s == Status.EMBED]
     if spec.chunking is not None:
-        return _chunked(table, statuses, reasons, hashes, changed, texts, todo, spec)
+        return _chunked(table, statuses, reasons, hashes, texts, todo, spec)
     ids: list[np.ndarray | None] = [None] * n
     n_tokens = np.zeros(n, np.int32)
     truncated = np.zeros(n, bool)
@@ -96,11 +91,10 @@ def tokenize_batch(table: pa.Table, *, spec: TokenizeSpec) -> pa.Table:
         .append_column(S.N_TOKENS, pa.array(n_tokens, pa.int32()))
         .append_column(S.TRUNCATED, pa.array(truncated, pa.bool_()))
         .append_column(S.CONTENT_HASH, pa.array(hashes, pa.string()))
-        .append_column(S.CHANGED, pa.array(changed, pa.bool_()))
     )
 
 
-def _chunked(table: pa.Table, statuses: list, reasons: list, hashes: list, changed: list,
+def _chunked(table: pa.Table, statuses: list, reasons: list, hashes: list,
              texts: list, todo: list[int], spec: TokenizeSpec) -> pa.Table:
     """The chunk rows of a batch (``stages.chunk_rows``)."""
     from embedjob.stages.chunk_rows import chunk_table
@@ -108,8 +102,7 @@ def _chunked(table: pa.Table, statuses: list, reasons: list, hashes: list, chang
     base = (table.drop_columns([S.TEXT, S.REASON])
             .append_column(S.STATUS, S.status_array(statuses))
             .append_column(S.REASON, pa.array(reasons, pa.string()))
-            .append_column(S.CONTENT_HASH, pa.array(hashes, pa.string()))
-            .append_column(S.CHANGED, pa.array(changed, pa.bool_())))
+            .append_column(S.CONTENT_HASH, pa.array(hashes, pa.string())))
     tokenizer = _tokenizer(spec.model, spec.storage)
     docs = tokenizer.tokenize_documents([texts[i] for i in todo], spec.task)
     return chunk_table(base, dict(zip(todo, docs, strict=True)), texts, spec.chunking)

@@ -8,7 +8,7 @@ rows into one open Lance fragment write, which starts a new data file every ``ro
 rows, and holds the (small) rejected rows. ``RowWriter.flush``, called by the driver at every
 commit and at the end, closes the write, writes the rejected rows (once per flush), and
 returns the pickled fragments with the rows per unit they hold: the unit record committed
-with them covers exactly their rows. Unchanged rows (refresh) are only counted.
+with them covers exactly their rows.
 
 Memory of one writer: the queue of ``QUEUED_BATCHES`` record batches plus Lance's page
 buffers (``max_page_bytes`` per column), whatever ``rows_per_file`` is; the rejected rows of
@@ -78,8 +78,6 @@ def write_block(table: pa.Table, *, spec: WriteSpec, writers: tuple) -> pa.Table
         rows_embedded=accepted.num_rows,
         rows_rejected=rejected.num_rows,
         rows_duplicate=_sum(pc.equal(rejected.column(S.REASON), DUPLICATE_ID)),
-        rows_unchanged=_sum(pc.equal(status, int(Status.UNCHANGED))),
-        rows_changed=_sum(accepted.column(S.CHANGED)),
         rows_truncated=_sum(accepted.column(S.TRUNCATED)),
         tokens=_sum(accepted.column(S.N_TOKENS)),
         processed_tokens=_sum(accepted.column(S.PROCESSED_TOKENS)),
