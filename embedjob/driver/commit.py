@@ -25,12 +25,57 @@ from lance.dataset import Transaction
 
 from embedjob.driver import progress
 from embedjob.driver.progress import UnitLedger
-from embedjob.errors import retry_transient
+from embedjob.errors import Backoff, retry_transient
 from embedjob.schema import Counts
 from embedjob.stages.write import WriterPool, load_fragments
 from embedjob.storage import Storage
 
 logger = logging.getLogger(__name__)
+
+
+LANDED_LOOKBACK_VERSIONS = 20  # versions searched for a commit that landed despite its error
+
+
+def commit_transaction(uri: str, transaction: Transaction, storage: Storage
+                       ) -> lance.LanceDataset:
+    """Commit ``transaction`` exactly once, retrying transient errors.
+
+    A transient error can come after the store applied the manifest write (a connection reset
+    on Lance's conditional PUT of the manifest, which object_store does not repeat). Repeating
+    the commit then would land the same fragments twice (Lance rebases it as the next
+    version), so before each retry the latest versions are searched for this transaction's
+    uuid: found, the commit landed and that version is returned.
+
+    Raises:
+        TransientGiveUpError: transient errors for longer than the retry budget.
+        Exception: any other error, at once (a commit conflict with another writer included).
+    """
+    backoff = Backoff(f"commit to {uri}")
+    while True:
+        try:
+            return lance.LanceDataset.commit(uri, transaction,
+                                             storage_options=storage.lance_options())
+        except Exception as exc:  # noqa: BLE001 - judged by backoff.wait, which re-raises
+            backoff.wait(exc)
+        landed = retry_transient(lambda: _landed(uri, transaction, storage),
+                                 what=f"reading the versions of {uri}")
+        if landed is not None:
+            logger.info("commit to %s landed as version %d despite the error", uri,
+                        landed.version)
+            return landed
+
+
+def _landed(uri: str, transaction: Transaction, storage: Storage) -> lance.LanceDataset | None:
+    """The version among the latest ones that ``transaction`` made, if it landed."""
+    if not storage.lance_exists(uri):
+        return None
+    latest = storage.open_lance(uri)
+    oldest = max(transaction.read_version + 1, latest.version - LANDED_LOOKBACK_VERSIONS, 1)
+    for version in range(latest.version, oldest - 1, -1):
+        made = latest.read_transaction(version)
+        if made is not None and made.uuid == transaction.uuid:
+            return latest.checkout_version(version)
+    return None
 
 
 @dataclass
@@ -67,8 +112,7 @@ class TableCommitter:
             read_version = self.version if self.version is not None else self._latest()
         transaction = Transaction(read_version=read_version, operation=operation,
                                   transaction_properties=dict(properties or {}))
-        dataset = lance.LanceDataset.commit(
-            self.uri, transaction, storage_options=self.storage.lance_options())
+        dataset = commit_transaction(self.uri, transaction, self.storage)
         self.version = dataset.version
         self.commits += 1
         self.pending = []

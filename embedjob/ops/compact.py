@@ -94,12 +94,13 @@ def carry_last_run(output: str, storage: Storage, summary: str) -> None:
     from lance.dataset import Transaction
 
     from embedjob import schema as S
+    from embedjob.driver.commit import commit_transaction
 
     dataset = storage.open_lance(output)
     transaction = Transaction(read_version=dataset.version,
                               operation=lance.LanceOperation.Append([]),
                               transaction_properties={S.LAST_RUN_KEY: summary})
-    lance.LanceDataset.commit(output, transaction, storage_options=storage.lance_options())
+    commit_transaction(output, transaction, storage)
 
 
 def piled_up(dataset: lance.LanceDataset, target: int = TARGET_ROWS_PER_FRAGMENT) -> bool:

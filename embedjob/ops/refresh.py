@@ -50,6 +50,7 @@ from lance.dataset import Transaction
 
 from embedjob import schema as S
 from embedjob.config import EmbedConfig
+from embedjob.driver.commit import commit_transaction
 from embedjob.driver.lease import Lease
 from embedjob.errors import ConfigError
 from embedjob.stages import diff as D
@@ -304,7 +305,7 @@ def _commit(plan, spec: D.DiffSpec, dirty: Dirty, work: Work, started: float):
 
 def commit_output(uri: str, storage: Storage, transaction: Transaction) -> None:
     """The refresh's one commit of the output (a seam the kill-point tests wait at)."""
-    lance.LanceDataset.commit(uri, transaction, storage_options=storage.lance_options())
+    commit_transaction(uri, transaction, storage)
 
 
 def _commit_rejected(uri: str, storage: Storage, files: list[str], work: Work) -> None:
@@ -326,9 +327,8 @@ def _commit_rejected(uri: str, storage: Storage, files: list[str], work: Work) -
     operation = lance.LanceOperation.Update(removed_fragment_ids=removed,
                                             updated_fragments=updated,
                                             new_fragments=work.rejected)
-    lance.LanceDataset.commit(uri, Transaction(read_version=dataset.version,
-                                               operation=operation),
-                              storage_options=storage.lance_options())
+    commit_transaction(uri, Transaction(read_version=dataset.version, operation=operation),
+                       storage)
 
 
 def _delete_where(dataset: lance.LanceDataset, predicate: pc.Expression

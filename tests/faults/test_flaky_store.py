@@ -2,8 +2,9 @@
 and in every Ray worker) talks to the S3 server through a proxy that answers a seeded
 fraction of the requests with 503 SlowDown or 500 InternalError or resets the connection.
 A full embed and then a refresh complete exactly once, with the right vectors. A fault that
-no client retries (seen: a reset on Lance's conditional PUT of a manifest, which
-object_store does not repeat) fails the run with its message; the rerun resumes.
+no client retries fails the run with its message; the rerun resumes. (Seen before
+``driver.commit.commit_transaction`` retried commits: a reset on Lance's conditional PUT of
+a manifest, which object_store does not repeat.)
 
 Which client retries what, and how often: README "Transient errors".
 """

@@ -21,7 +21,7 @@ def test_compact_merges_small_fragments_and_drops_old_versions(
     write_parts(corpus, files=4, rows_per_file=10)
     config = EmbedConfig(input=str(corpus), format="parquet", output=str(tmp_path / "o.lance"),
                          model=str(golden_dir), window_rows=5, write_batch_rows=5,
-                         commit_interval_s=0.01)
+                         rows_per_file=10, commit_interval_s=0.01)  # >= 4 small fragments
     run(config)
     before = lance.dataset(config.output)
     vectors = vectors_by_id(before.to_table())
