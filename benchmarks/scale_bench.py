@@ -60,7 +60,7 @@ def one_run(name: str, corpus: Path, files: int, args, s3=None) -> dict:
                          model=str(model_dir("tiny")), num_actors=1, cpus_per_actor=1.0,
                          storage_options=options, id_shards=args.id_shards,
                          assume_unique_ids=args.assume_unique_ids,
-                         read_unit_bytes=args.read_unit_bytes)
+                         read_unit_bytes=args.read_unit_bytes, read_tasks=args.read_tasks)
     shard_bytes: list[int] = []
     encoder = NoopEncodeActor if args.encoder == "noop" else None
     with ProcessSampler() as sampler:
@@ -102,6 +102,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--read-unit-bytes", type=int, default=64 << 20,
                         help="the run's --read-unit-bytes (bigfile: below the file's size "
                              "to read it as several units)")
+    parser.add_argument("--read-tasks", type=int, default=EmbedConfig.read_tasks,
+                        help="the run's --read-tasks (blocks of the unit list)")
     parser.add_argument("--store", choices=["local", "s3"], default="local")
     parser.add_argument("--encoder", choices=["noop", "tiny"], default="noop")
     parser.add_argument("--id-shards", type=int, default=None)

@@ -154,6 +154,12 @@ class EmbedConfig:
              "bigger file is read as byte ranges of this size (JSON lines / CSV: the lines "
              "starting in the range; Parquet: the row groups starting in it); 64 MiB is "
              "64k-256k rows of 250-1000 bytes")
+    read_tasks: int = knob(
+        512, commands=RUNS,
+        help="most read (and pre-pass scan) tasks the unit list is cut into, each reading its "
+             "units one after another: Ray Data keeps a few KB in the driver per task, so "
+             "this bounds the driver's memory however many units there are; it also bounds "
+             "how many units are read at once")
     read_memory_bytes: int = knob(
         512 * 1024 * 1024, commands=RUNS,
         help="memory reserved per read task (one unit at a time in 8192-row batches; a Parquet "
@@ -274,7 +280,8 @@ class EmbedConfig:
         object.__setattr__(self, "num_actors", _actor_count(self.num_actors))
         for name in ("max_tokens_per_batch", "window_rows", "tokenize_batch_rows",
                      "write_batch_rows", "read_memory_bytes", "actor_prefetch",
-                     "encoder_crash_retries", "read_unit_bytes", "rows_per_file"):
+                     "encoder_crash_retries", "read_unit_bytes", "rows_per_file",
+                     "read_tasks"):
             value = getattr(self, name)
             _require(_is_int(value) and value >= 1, name, value, "an integer >= 1")
         _require(self.limit is None or (_is_int(self.limit) and self.limit >= 1), "limit",

@@ -30,14 +30,24 @@ from embedjob.stages.write import write_block
 ARROW = "pyarrow"
 
 
+def unit_list(items: list[dict], read_tasks: int) -> ray.data.Dataset:
+    """The unit rows as at most ``read_tasks`` blocks of consecutive units, in order.
+
+    One block is one read (or scan) task, which reads its units one after another
+    (``batch_size=1``: one unit per call, its rows yielded as they come). A block per unit
+    cost the driver Ray Data's per-block and per-task records for every unit, in the scan
+    and the main dataset both (BENCHMARKS.md: driver growth per 10x units +25% -> +10%).
+    """
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), read_tasks)))
+
+
 def scan(plan: RunPlan, index: DuplicateIndex) -> ray.data.Dataset:
     """The duplicate-id pre-pass: every unit's id column (finished units too, on a resume)
     into the shards of ``index``; rows are (unit, rows scanned)."""
     position = {name: i for i, name in enumerate(source_files(plan.sources))}
-    units = ray.data.from_items(
+    units = unit_list(
         [{"unit": u, "source_index": position[unit_file(u)], "size": plan.sizes.get(unit_file(u))}
-         for u in plan.sources],
-        override_num_blocks=len(plan.sources))
+         for u in plan.sources], plan.config.read_tasks)
     return units.map_batches(
         scan_ids, fn_kwargs={"spec": ScanSpec(read=replace(plan.read, ids_only=True),
                                               index=index)},
@@ -64,9 +74,8 @@ def read(plan: RunPlan, units: list[str], tracker: ray.actor.ActorHandle | None
     """The read stage over ``units``: rows in the read stage's block schema."""
     cfg = plan.config
     # each unit with its file's size from the listing: a read task opens it without a HEAD
-    items = ray.data.from_items([{"unit": u, "size": plan.sizes.get(unit_file(u))}
-                                 for u in units],
-                                override_num_blocks=max(1, len(units)))
+    items = unit_list([{"unit": u, "size": plan.sizes.get(unit_file(u))} for u in units],
+                      cfg.read_tasks)
     return items.map_batches(
         read_units, fn_kwargs={"spec": plan.read, "tracker": tracker},
         batch_size=1, batch_format=ARROW, num_cpus=cfg.cpus_per_task,

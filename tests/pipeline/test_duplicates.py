@@ -103,8 +103,9 @@ def test_duplicate_id_winners_do_not_depend_on_actors_windows_batches_or_shards(
     layouts = [
         dict(num_actors=1, window_rows=8, tokenize_batch_rows=4, write_batch_rows=16,
              id_shards=1),
+        # read_tasks=2: the scan and the read each cut the unit list into 2 tasks
         dict(num_actors=2, window_rows=200, tokenize_batch_rows=64, write_batch_rows=64,
-             id_shards=3),
+             id_shards=3, read_tasks=2),
     ]
     for i, layout in enumerate(layouts):
         config = _config(tmp_path / "corpus", tmp_path / f"o{i}.lance", golden_dir, **layout)
