@@ -12,7 +12,7 @@ import ray
 
 from embedjob import schema as S
 from embedjob.config import EmbedConfig
-from embedjob.driver import calibrate, pipeline, progress
+from embedjob.driver import calibrate, nodes, pipeline, progress
 from embedjob.driver.commit import Committer, TableCommitter
 from embedjob.driver.lease import Lease
 from embedjob.driver.preflight import RunPlan, plan_run
@@ -141,6 +141,7 @@ def _run(plan: RunPlan, started: float, keep_ids: bool, encoder: type,
     config = plan.config
     _init_ray(config, reporter.forward_worker_logs)
     stop.reinstall()
+    nodes.NodeWatch.start(config, stop)  # no node for an encode actor: stop after a wait
     plan = calibrate.settle(plan, calibration)
     committer = _committer(plan, started)
     committer.fence = lease.check
