@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from embedjob import schema as S
 from embedjob.config import EmbedConfig
@@ -228,7 +229,8 @@ def _committer(plan: RunPlan, started: float) -> Committer:
     return Committer(
         ledger=progress.UnitLedger(fingerprints=plan.fingerprints, done=done, ranges=ranges,
                                    row_weight=S.DOC_WEIGHT if cfg.chunked else 1),
-        tracker=progress.ReadTracker.remote(),
+        tracker=progress.ReadTracker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote(),  # outlives a lost node
         writers=WriterPool.create(plan.write, cfg.writer_count),
         run_key=plan.run_key,
         first=plan.resumed is None,
