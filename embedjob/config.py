@@ -139,6 +139,14 @@ class EmbedConfig:
         (), commands=RUNS, metavar="NAME=AMOUNT,...",
         help="custom Ray resources each encode actor asks for (e.g. encode_node=1 places the "
              "actors only on nodes started with --resources='{\"encode_node\": N}')")
+    node_wait_s: float = knob(
+        600.0, commands=RUNS,
+        help="seconds the run waits while no live node can hold even one encode actor (its "
+             "GPUs, CPUs and --actor-resources, by the nodes' totals) before it stops like a "
+             "graceful stop: commits what is written, releases the lease, exits 75 naming the "
+             "missing resources; counted from the start too. On an autoscaling cluster "
+             "(KubeRay) a pending GPU node can take minutes to come up: keep this well above "
+             "that")
     encoder_crash_retries: int = knob(
         2, commands=RUNS,
         help="deaths of an encode actor's process one block may cause before its rows are "
@@ -292,7 +300,8 @@ class EmbedConfig:
                      "an integer >= 1 or None")
         _require(self.window_rows <= 1 << 20, "window_rows", self.window_rows, "<= 1048576")
         _require(self.gpus_per_actor >= 0, "gpus_per_actor", self.gpus_per_actor, "a number >= 0")
-        for name in ("cpus_per_actor", "cpus_per_task", "commit_interval_s", "lease_ttl_s"):
+        for name in ("cpus_per_actor", "cpus_per_task", "commit_interval_s", "lease_ttl_s",
+                     "node_wait_s"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "a number > 0")
         for dim in self.dims:
             _require(_is_int(dim) and dim > 0, "dims", self.dims, "positive integers")

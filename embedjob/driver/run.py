@@ -9,10 +9,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from embedjob import schema as S
 from embedjob.config import EmbedConfig
-from embedjob.driver import calibrate, pipeline, progress
+from embedjob.driver import calibrate, nodes, pipeline, progress
 from embedjob.driver.commit import Committer, TableCommitter
 from embedjob.driver.lease import Lease
 from embedjob.driver.preflight import RunPlan, plan_run
@@ -141,6 +142,7 @@ def _run(plan: RunPlan, started: float, keep_ids: bool, encoder: type,
     config = plan.config
     _init_ray(config, reporter.forward_worker_logs)
     stop.reinstall()
+    nodes.NodeWatch.start(config, stop)  # no node for an encode actor: stop after a wait
     plan = calibrate.settle(plan, calibration)
     committer = _committer(plan, started)
     committer.fence = lease.check
@@ -227,7 +229,8 @@ def _committer(plan: RunPlan, started: float) -> Committer:
     return Committer(
         ledger=progress.UnitLedger(fingerprints=plan.fingerprints, done=done, ranges=ranges,
                                    row_weight=S.DOC_WEIGHT if cfg.chunked else 1),
-        tracker=progress.ReadTracker.remote(),
+        tracker=progress.ReadTracker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote(),  # outlives a lost node
         writers=WriterPool.create(plan.write, cfg.writer_count),
         run_key=plan.run_key,
         first=plan.resumed is None,

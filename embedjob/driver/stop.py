@@ -8,6 +8,10 @@ signal: 130 for SIGINT, 143 for SIGTERM). The rerun starts at once and resumes f
 commit. If the commit and the release have not finished ``STOP_GRACE_S`` after the signal,
 or a second signal arrives, the process exits at once with the same code (the lease then
 expires after ``--lease-ttl-s``; the rerun resumes from the last commit as after a crash).
+
+A thread of the driver can ask for the same stop (:meth:`Stop.request`: the node watch, when no
+live node can hold an encode actor for ``--node-wait-s``); it wakes the main thread with
+``WAKE_SIGNAL`` and the run ends with that request's reason and exit code.
 """
 
 from __future__ import annotations
@@ -25,19 +29,22 @@ logger = logging.getLogger(__name__)
 # the stop finishes inside it or exits by itself.
 STOP_GRACE_S = 30.0
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+WAKE_SIGNAL = signal.SIGUSR1  # a request from a driver thread: break off the wait for results
 
 
 class StopRequested(BaseException):  # noqa: N818 - not an error: unwinds the result loop
     """Raised in the main thread while it waits for the next result, after a stop signal (a
     BaseException, so no ``except Exception`` on the way swallows it)."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
+    def __init__(self, signum: int, reason: str | None = None, exit_code: int | None = None
+                 ) -> None:
+        super().__init__(reason or signal.Signals(signum).name)
         self.signum = signum
+        self._exit_code = exit_code
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum
+        return self._exit_code if self._exit_code is not None else 128 + self.signum
 
 
 class Stop:
@@ -50,8 +57,12 @@ class Stop:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.reason: str | None = None  # a driver thread's request (``request``)
+        self.exit_code: int | None = None
         self._interruptible = False
         self._handler = None
+        self._wake = None
+        self.done = threading.Event()  # set when the run's block has unwound
 
     def reinstall(self) -> None:
         """Take the signals back: ``ray.init`` installs Ray's own SIGTERM handler in the
@@ -59,6 +70,19 @@ class Stop:
         if self._handler is not None and self.signum is None:
             for sig in SIGNALS:
                 signal.signal(sig, self._handler)
+            signal.signal(WAKE_SIGNAL, self._wake)
+
+    @property
+    def watched(self) -> bool:
+        """Whether :meth:`request` can reach the main thread (the block runs in it)."""
+        return self._handler is not None
+
+    def request(self, reason: str, exit_code: int) -> None:
+        """Ask for a stop from another thread of the driver (ignored once one is pending)."""
+        if self.signum is not None or not self.watched:
+            return
+        self.reason, self.exit_code = reason, exit_code
+        signal.pthread_kill(threading.main_thread().ident, WAKE_SIGNAL)
 
     @contextmanager
     def waiting(self) -> Iterator[None]:
@@ -73,13 +97,13 @@ class Stop:
     def check(self) -> None:
         """Raise the pending stop, if any."""
         if self.signum is not None:
-            raise StopRequested(self.signum)
+            raise StopRequested(self.signum, self.reason, self.exit_code)
 
     def _requested(self, signum: int) -> None:
         self.signum = signum
         if self._interruptible:
             self._interruptible = False
-            raise StopRequested(signum)
+            raise StopRequested(signum, self.reason, self.exit_code)
 
 
 @contextmanager
@@ -89,11 +113,14 @@ def stop_on_signal() -> Iterator[Stop]:
     Outside the main thread (signals cannot be handled there) the request never comes.
     """
     stop = Stop()
+    done = stop.done  # set when the block has unwound: the watchdog stands down
     if threading.current_thread() is not threading.main_thread():
-        yield stop
+        try:
+            yield stop
+        finally:
+            done.set()
         return
-    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    done = threading.Event()  # set when the block has unwound: the watchdog stands down
+    previous = {sig: signal.getsignal(sig) for sig in (*SIGNALS, WAKE_SIGNAL)}
 
     def handler(signum: int, _frame) -> None:
         for sig in SIGNALS:  # a second signal ends the process at once
@@ -104,7 +131,16 @@ def stop_on_signal() -> Iterator[Stop]:
                          name="stop-watchdog").start()
         stop._requested(signum)  # noqa: SLF001
 
+    def wake(signum: int, _frame) -> None:  # a driver thread's ``request``: a stop like a signal
+        if stop.signum is None and stop.reason is not None:
+            logger.warning("stopping: %s; committing what is written (at most %.0f s)",
+                           stop.reason, STOP_GRACE_S)
+            threading.Thread(target=_watchdog, args=(done, stop.exit_code), daemon=True,
+                             name="stop-watchdog").start()
+            stop._requested(signum)  # noqa: SLF001
+
     stop._handler = handler  # noqa: SLF001
+    stop._wake = wake  # noqa: SLF001
     stop.reinstall()
     try:
         yield stop

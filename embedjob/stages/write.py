@@ -136,11 +136,16 @@ class WriterPool:
     @classmethod
     def create(cls, spec: WriteSpec, count: int) -> WriterPool:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         # no CPU reserved (like the id shards): a writer mostly waits on the store, and Lance
         # encodes on its own threads. Never restarted: a restarted writer would have lost
-        # its rows silently; a dead one fails the run instead.
-        actor = ray.remote(num_cpus=0, max_restarts=0)(RowWriter)
+        # its rows silently; a dead one fails the run instead. On the driver's node: it
+        # outlives a lost worker node, so a node-loss stop can commit what it holds (hard:
+        # a soft affinity was seen spilling onto the worker node here).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                              soft=False)
+        actor = ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy=here)(RowWriter)
         return cls(actors=tuple(actor.remote(spec) for _ in range(count)))
 
     def flush(self) -> list[pa.Table]:

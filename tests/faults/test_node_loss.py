@@ -7,6 +7,12 @@ when the run fails (seen in 2 of 3 runs here: the encode actor's in-flight call 
 Ray's ``ActorUnavailableError``, which Ray Data did not retry), from a clear failure message
 and a rerun that resumes from the last commit.
 
+When no replacement joins, the node watch (``driver/nodes.py``, ``--node-wait-s``) stops the
+run like a graceful stop once no live node could hold an encode actor for that long: what is
+written is committed, the lease released, exit 75 with one line naming the missing resource;
+a rerun after a node joins completes. The driver-side actors (read tracker, writers, crash
+ledger) are placed on the driver's node so that a lost worker node does not take them along.
+
 The driver is a subprocess (the CLI with the fault-injecting encode actor, slowed by the
 ``ENCODE_DELAY_S`` hook, set in the worker nodes' environment: Ray workers inherit their
 raylet's). Slow: two extra raylets and a node-death detection on a 2-core machine.
@@ -23,12 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import lance
 import pytest
 
+from embedjob.driver.nodes import NODE_WAIT_EXIT
 from tests.faults import hooks as faults
 from tests.pipeline.test_resume import (
     _check_exactly_once,
     _command,
+    _progress,
     _start_until_a_unit_is_committed,
     _write_corpus,
 )
@@ -88,27 +97,44 @@ def _stop(proc: subprocess.Popen | None) -> None:
         proc.wait(timeout=30)
 
 
-def test_worker_node_lost_mid_run_then_a_replacement_joins_every_id_is_written_once(
-    s3_server, s3_prefix, golden_dir, embedder, tmp_path
-):
-    rows = _write_corpus(s3_server, s3_prefix)
+def _cluster(env: dict, worker_env: dict, tmp_path: Path
+             ) -> tuple[str, subprocess.Popen, subprocess.Popen, list[str]]:
+    """A head (2 CPUs) and a worker node (1 CPU, ``encode_node``); returns the address, both
+    nodes and the worker's ``ray start`` arguments (for a replacement)."""
     gcs_port = _free_ports(1)[0]
     address = f"127.0.0.1:{gcs_port}"
     temp_dir = tempfile.mkdtemp(prefix="ejnl-", dir="/tmp")  # short: unix socket paths
-    # (Linux: the check that refuses multi-node clusters on Windows and macOS does not apply)
-    env = os.environ | s3_server.env | {"RAY_AUTH_MODE": "disabled",
-                                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
-    worker_env = env | {faults.ENCODE_DELAY_S: "0.5"}
-    head = worker = replacement = driver = None
+    head = _start(["--head", f"--port={gcs_port}", "--num-cpus=2",
+                   "--include-dashboard=false", f"--temp-dir={temp_dir}",
+                   "--ray-client-server-port", str(_free_ports(1)[0])],
+                  env, tmp_path / "head.log")
     try:
-        head = _start(["--head", f"--port={gcs_port}", "--num-cpus=2",
-                       "--include-dashboard=false", f"--temp-dir={temp_dir}",
-                       "--ray-client-server-port", str(_free_ports(1)[0])],
-                      env, tmp_path / "head.log")
         _wait_for_nodes(address, env, "CPU", 1)  # a worker node needs the head registered
         worker_args = [f"--address={address}", "--num-cpus=1",
                        '--resources={"encode_node": 1}']
         worker = _start(worker_args, worker_env, tmp_path / "worker.log")
+    except BaseException:
+        _stop(head)
+        raise
+    return address, head, worker, worker_args
+
+
+def _envs(s3_server) -> tuple[dict, dict]:
+    """The nodes' and the driver's environment, and the worker nodes' (the encode delay)."""
+    # (Linux: the check that refuses multi-node clusters on Windows and macOS does not apply)
+    env = os.environ | s3_server.env | {"RAY_AUTH_MODE": "disabled",
+                                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    return env, env | {faults.ENCODE_DELAY_S: "0.5"}
+
+
+def test_worker_node_lost_mid_run_then_a_replacement_joins_every_id_is_written_once(
+    s3_server, s3_prefix, golden_dir, embedder, tmp_path
+):
+    rows = _write_corpus(s3_server, s3_prefix)
+    env, worker_env = _envs(s3_server)
+    head = worker = replacement = driver = None
+    try:
+        address, head, worker, worker_args = _cluster(env, worker_env, tmp_path)
         _wait_for_nodes(address, env, "encode_node", 1)
         out = s3_server.uri(s3_prefix, "out.lance")
         command = [*_command(s3_server, s3_prefix, golden_dir, tmp_path / "summary.json"),
@@ -144,3 +170,66 @@ def test_worker_node_lost_mid_run_then_a_replacement_joins_every_id_is_written_o
                 proc.kill()
         for node in (replacement, worker, head):
             _stop(node)
+
+
+NODE_WAIT_S = 15
+
+
+def test_worker_node_lost_and_none_joins_the_run_stops_within_the_node_wait_then_resumes(
+    s3_server, s3_prefix, golden_dir, embedder, tmp_path
+):
+    rows = _write_corpus(s3_server, s3_prefix)
+    env, worker_env = _envs(s3_server)
+    head = worker = replacement = driver = None
+    try:
+        address, head, worker, worker_args = _cluster(env, worker_env, tmp_path)
+        _wait_for_nodes(address, env, "encode_node", 1)
+        out = s3_server.uri(s3_prefix, "out.lance")
+        command = [*_command(s3_server, s3_prefix, golden_dir, tmp_path / "summary.json"),
+                   "--actor-resources", "encode_node=1", "--cpus-per-actor", "1",
+                   "--node-wait-s", str(NODE_WAIT_S)]
+        with open(tmp_path / "driver.log", "wb") as driver_log:
+            driver, _ = _start_until_a_unit_is_committed(
+                command, env | {"RAY_ADDRESS": address}, out, s3_server.storage_options,
+                stdout=driver_log, stderr=subprocess.STDOUT)
+        assert driver.poll() is None, "the run ended before the node was lost"
+        _stop(worker)  # and no replacement
+        lost = time.monotonic()
+        driver.wait(timeout=NODE_WAIT_S + 300)
+        took = time.monotonic() - lost
+        log = (tmp_path / "driver.log").read_text(errors="replace")
+        print(f"node wait: the run ended with {driver.returncode} {took:.1f} s after the "
+              f"worker node was killed (--node-wait-s {NODE_WAIT_S})")
+        # Ray marks the node dead after its health checks fail (~15 s here), the wait runs
+        # from then, the stop's commit is bounded by STOP_GRACE_S: generous on a busy machine
+        assert NODE_WAIT_S <= took <= NODE_WAIT_S + 120, log[-4000:]
+        assert driver.returncode == NODE_WAIT_EXIT, log[-4000:]
+        message = next(line for line in log.splitlines() if line.startswith("embedjob: stopped"))
+        print("node wait: " + message[:400])
+        assert ("no live node had the resources for one encode actor (missing encode_node=1) "
+                f"for {NODE_WAIT_S} s (--node-wait-s)") in message
+        assert "rerun the same command to resume" in message
+        _check_stopped_cleanly(s3_server, s3_prefix, rows)
+
+        replacement = _start(worker_args, worker_env, tmp_path / "replacement.log")
+        _wait_for_nodes(address, env, "encode_node", 1)
+        rerun = subprocess.run(command, env=env | {"RAY_ADDRESS": address},
+                               capture_output=True, text=True, timeout=400)
+        assert rerun.returncode == 0, rerun.stderr[-4000:]
+        _check_exactly_once(s3_server, s3_prefix, rows, embedder)
+    finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+        for node in (replacement, worker, head):
+            _stop(node)
+
+
+def _check_stopped_cleanly(s3_server, prefix: str, rows: list[dict]) -> None:
+    """The lease is released, the output not complete, every committed id valid and once."""
+    out = s3_server.uri(prefix, "out.lance")
+    assert not s3_server.filesystem().exists(f"{s3_server.bucket}/{prefix}/out.lease.json")
+    assert not _progress(out, s3_server.storage_options)["complete"]
+    ids = lance.dataset(out, storage_options=s3_server.storage_options).to_table(
+        columns=["id"]).column("id").to_pylist()
+    assert ids and len(ids) == len(set(ids))
+    assert set(ids) <= {r["id"] for r in rows if r["text"]}
