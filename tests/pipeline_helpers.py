@@ -60,21 +60,9 @@ def recorded_units(uri: str, storage_options: dict | None = None) -> tuple[str, 
     recorded in their transaction properties, complete or not."""
     import lance
 
-    from embedjob import schema as S
     from embedjob.driver import progress
 
-    dataset = lance.dataset(uri, storage_options=storage_options)
-    key, done, ranges = None, {}, {}
-    for version in sorted((v["version"] for v in dataset.versions()), reverse=True):
-        transaction = dataset.read_transaction(version)
-        props = (transaction.transaction_properties or {}) if transaction else {}
-        if S.TX_RUN_KEY not in props or props[S.TX_RUN_KEY] != (key or props[S.TX_RUN_KEY]):
-            continue
-        key = props[S.TX_RUN_KEY]
-        progress._add_units(props.get(S.TX_UNITS), done, ranges)
-        if S.TX_RUN_START in props:
-            break
-    return key, done, ranges
+    return progress.committed_units(lance.dataset(uri, storage_options=storage_options))
 
 
 def interrupt(uri: str, keep, storage_options: dict | None = None) -> tuple[dict, dict]:
