@@ -32,8 +32,8 @@ from embedjob.config import DEFAULT_MODEL
 from embedjob.errors import ConfigError
 from embedjob.model.spec import ModelSpec, load_spec
 from embedjob.stages.batching import length_order, plan_batches
-from embedjob.stages.encode import batch_runs
-from embedjob.stages.tokens import _ids_array, _tokenizer
+from embedjob.stages.tokens import _tokenizer
+from embedjob.stages.vectors import batch_runs
 from embedjob.storage import Storage
 
 TOKENS = "_embedjob_input_ids"  # internal columns, dropped before rows come back
@@ -128,7 +128,7 @@ def _tokenize(table: pa.Table, *, plan: _Plan) -> pa.Table:
         done = _tokenizer(plan.spec, Storage()).tokenize([texts[i] for i in todo], plan.task)
         for j, i in enumerate(todo):
             ids[i], n_tokens[i], truncated[i] = done.ids[j], len(done.ids[j]), done.truncated[j]
-    return (table.append_column(TOKENS, _ids_array(ids))
+    return (table.append_column(TOKENS, S.token_ids_array(ids))
             .append_column(S.N_TOKENS, pa.array(n_tokens, pa.int32()))
             .append_column(S.TRUNCATED, pa.array(truncated, pa.bool_())))
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 
 # --- columns that travel between stages (internal: never written as they are) -------------
@@ -45,6 +46,17 @@ STATUS_TYPE = pa.int8()
 def status_array(statuses: list[Status] | list[int]) -> pa.Array:
     """An int8 status column."""
     return pa.array([int(s) for s in statuses], STATUS_TYPE)
+
+
+def token_ids_array(ids: list[np.ndarray | None]) -> pa.Array:
+    """list<int32> without a Python round trip per token."""
+    lengths = np.array([0 if x is None else len(x) for x in ids], np.int64)
+    offsets = np.zeros(len(ids) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    present = [x for x in ids if x is not None]
+    values = np.concatenate(present).astype(np.int32) if present else np.zeros(0, np.int32)
+    mask = pa.array([x is None for x in ids], pa.bool_())
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), mask=mask)
 
 
 # --- the output table ---------------------------------------------------------------------

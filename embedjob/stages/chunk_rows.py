@@ -107,10 +107,8 @@ def _rejected(base: pa.Table, reasons: dict[int, str]) -> pa.Table:
 
 
 def _with_chunk_columns(out: pa.Table, ids: list, metas: list, mode: str) -> pa.Table:
-    from embedjob.stages.tokens import _ids_array
-
     n_tokens = [0 if x is None else len(x) for x in ids]
-    out = (out.append_column(S.INPUT_IDS, _ids_array(ids))
+    out = (out.append_column(S.INPUT_IDS, S.token_ids_array(ids))
            .append_column(S.N_TOKENS, pa.array(n_tokens, pa.int32()))
            .append_column(S.TRUNCATED, pa.array([False] * len(ids), pa.bool_())))
     if mode == "late":

@@ -34,7 +34,7 @@ import pyarrow as pa
 from embedjob import schema as S
 from embedjob.errors import BugError
 from embedjob.schema import Status
-from embedjob.stages import quantize
+from embedjob.stages import vectors as V
 from embedjob.stages.crashes import CrashWatch, block_key, row_keys
 from embedjob.storage import Storage
 
@@ -115,9 +115,9 @@ class EncodeActor:
         processed = np.zeros(n, np.int64)
         statuses = table.column(S.STATUS).to_pylist()
         reasons = table.column(S.REASON).to_pylist()
-        rows = _row_ids(table.column(S.INPUT_IDS))
+        rows = V.row_ids(table.column(S.INPUT_IDS))
         batch_of = table.column(S.BATCH).to_numpy()
-        self._encode_watched(table, rows, batch_runs(batch_of), vectors, processed, reasons)
+        self._encode_watched(table, rows, V.batch_runs(batch_of), vectors, processed, reasons)
         late = [i for i in range(n) if batch_of[i] >= 0 and reasons[i] is not None]
         for i in late:
             statuses[i] = Status.REJECTED
@@ -126,7 +126,7 @@ class EncodeActor:
         table = table.append_column(S.STATUS, S.status_array(statuses))
         table = table.append_column(S.REASON, pa.array(reasons, pa.string()))
         table = table.append_column(S.PROCESSED_TOKENS, pa.array(processed, pa.int64()))
-        for name, column in vector_columns(vectors, valid, self.spec, self.dtype).items():
+        for name, column in V.vector_columns(vectors, valid, self.spec, self.dtype).items():
             table = table.append_column(name, column)
         logger.debug("encoded %d rows (%d tokens processed) in %.2f s", n, int(processed.sum()),
                      time.perf_counter() - started)
@@ -272,58 +272,3 @@ def _free_accelerator_memory(device) -> None:
         import torch
 
         torch.cuda.empty_cache()
-
-
-def batch_runs(batch_of: np.ndarray) -> list[range]:
-    """Contiguous runs of one non-negative ``_batch`` value."""
-    runs, start = [], 0
-    for i in range(1, len(batch_of) + 1):
-        if i == len(batch_of) or batch_of[i] != batch_of[start]:
-            if batch_of[start] >= 0:
-                runs.append(range(start, i))
-            start = i
-    return runs
-
-
-def _row_ids(column: pa.ChunkedArray) -> list[np.ndarray]:
-    """list<int32> -> one int32 array per row (views into the flat buffer, no copy)."""
-    array = column.combine_chunks()
-    offsets = array.offsets.to_numpy()
-    flat = array.values.to_numpy(zero_copy_only=False)
-    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(array))]
-
-
-def vector_columns(
-    full: np.ndarray, valid: np.ndarray, spec: EncodeSpec, dtype: np.dtype
-) -> dict[str, pa.Array]:
-    """Every stored vector column of a block: per dim, the float column (``vector`` for the
-    full dim, else ``vector_<d>``: truncate, then re-normalize) and its quantized columns
-    (``stages.quantize``, from the vector as stored), so only stored bytes leave the actor.
-
-    Rows where ``valid`` is False get null vectors.
-    """
-    from embedjob.model import matryoshka
-
-    hidden = full.shape[1]
-    columns = {}
-    for dim in dict.fromkeys((hidden, *spec.dims)):
-        # [n, dim] as stored: the cast to the column's dtype first
-        stored = (full if dim == hidden else matryoshka(full, dim)).astype(dtype)
-        if spec.float_dims is None or dim in spec.float_dims:
-            columns[S.vector_column(dim, hidden)] = _fixed_size_list(stored, valid, stored.dtype)
-        for form in spec.quantize.get(dim, ()):
-            if form == "binary":
-                codes = quantize.binary(stored)
-            else:
-                if dim not in spec.int8_ranges:
-                    raise BugError(f"int8 column for dim {dim} without a calibration range")
-                codes = quantize.int8(stored, *spec.int8_ranges[dim])
-            columns[S.quantized_column(dim, form)] = _fixed_size_list(codes, valid, codes.dtype)
-    return columns
-
-
-def _fixed_size_list(vectors: np.ndarray, valid: np.ndarray, dtype: np.dtype) -> pa.Array:
-    """[n, d] -> FixedSizeListArray<dtype, d>, the type Lance's vector search expects."""
-    values = pa.array(np.ascontiguousarray(vectors, dtype=dtype).reshape(-1))
-    mask = None if valid.all() else pa.array(~valid)
-    return pa.FixedSizeListArray.from_arrays(values, vectors.shape[1], mask=mask)

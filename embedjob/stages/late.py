@@ -15,18 +15,17 @@ import pyarrow as pa
 from embedjob import schema as S
 from embedjob.errors import BugError
 from embedjob.schema import Status
+from embedjob.stages import vectors as V
 from embedjob.stages.chunk_rows import append_flat
 
 
 def encode_block(actor, table: pa.Table) -> pa.Table:
     """``EncodeActor.__call__`` for late chunking (``actor``: the EncodeActor)."""
-    from embedjob.stages.encode import _row_ids, batch_runs, vector_columns
-
-    rows = _row_ids(table.column(S.INPUT_IDS))
+    rows = V.row_ids(table.column(S.INPUT_IDS))
     windows = table.column(S.CHUNKS).to_pylist()  # per row: its chunks' dicts, or None
     vectors: dict[int, np.ndarray] = {}
     processed: dict[int, int] = {}
-    for run in batch_runs(table.column(S.BATCH).to_numpy()):
+    for run in V.batch_runs(table.column(S.BATCH).to_numpy()):
         spans = [[(c[S.POOL_START], c[S.POOL_END]) for c in windows[i]] for i in run]
         outs = actor.embedder.encode_spans([rows[i] for i in run], spans, task=actor.spec.task)
         longest = max(len(rows[i]) for i in run)
@@ -46,6 +45,6 @@ def encode_block(actor, table: pa.Table) -> pa.Table:
     full = np.concatenate(stacked) if stacked else np.zeros((0, actor.embedder.hidden_size))
     valid = (out.column(S.STATUS).to_numpy() == Status.EMBED) & np.array(
         [m is not None for m in metas], bool)
-    for name, column in vector_columns(full, valid, actor.spec, actor.dtype).items():
+    for name, column in V.vector_columns(full, valid, actor.spec, actor.dtype).items():
         out = out.append_column(name, column)
     return out

@@ -87,7 +87,7 @@ the text is dropped.
         table.drop_columns([S.TEXT, S.REASON])
         .append_column(S.STATUS, S.status_array(statuses))
         .append_column(S.REASON, pa.array(reasons, pa.string()))
-        .append_column(S.INPUT_IDS, _ids_array(ids))
+        .append_column(S.INPUT_IDS, S.token_ids_array(ids))
         .append_column(S.N_TOKENS, pa.array(n_tokens, pa.int32()))
         .append_column(S.TRUNCATED, pa.array(truncated, pa.bool_()))
         .append_column(S.CONTENT_HASH, pa.array(hashes, pa.string()))
@@ -106,14 +106,3 @@ def _chunked(table: pa.Table, statuses: list, reasons: list, hashes: list,
     tokenizer = _tokenizer(spec.model, spec.storage)
     docs = tokenizer.tokenize_documents([texts[i] for i in todo], spec.task)
     return chunk_table(base, dict(zip(todo, docs, strict=True)), texts, spec.chunking)
-
-
-def _ids_array(ids: list[np.ndarray | None]) -> pa.Array:
-    """list<int32> without a Python round trip per token."""
-    lengths = np.array([0 if x is None else len(x) for x in ids], np.int64)
-    offsets = np.zeros(len(ids) + 1, np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    present = [x for x in ids if x is not None]
-    values = np.concatenate(present).astype(np.int32) if present else np.zeros(0, np.int32)
-    mask = pa.array([x is None for x in ids], pa.bool_())
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), mask=mask)

@@ -6,7 +6,7 @@ import pytest
 
 from embedjob.stages.batching import padding_efficiency, plan_batches
 from embedjob.stages.bucket import BucketSpec, bucket_window
-from embedjob.stages.encode import batch_runs
+from embedjob.stages.vectors import batch_runs
 
 pytestmark = pytest.mark.unit
 
