@@ -14,11 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from embedjob.schema import Status, status_array
+from embedjob.schema import Status, status_array, token_ids_array
 from embedjob.stages import encode
 from embedjob.stages.bucket import BucketSpec, bucket_window
 from embedjob.stages.encode import EncodeActor, EncodeSpec
-from embedjob.stages.tokens import _ids_array
 
 pytestmark = pytest.mark.pipeline
 
@@ -44,7 +43,7 @@ def _block(k: int, rng: np.random.Generator, vocab: int) -> pa.Table:
         "_id": pa.array(np.arange(k * ROWS, (k + 1) * ROWS)),
         "_source": pa.array([f"f{k}.parquet"] * ROWS), "_row": pa.array(np.arange(ROWS)),
         "_status": status_array([Status.EMBED] * ROWS), "_reason": pa.nulls(ROWS, pa.string()),
-        "input_ids": _ids_array(ids), "n_tokens": pa.array(lengths),
+        "input_ids": token_ids_array(ids), "n_tokens": pa.array(lengths),
         "truncated": pa.array(np.zeros(ROWS, bool)), "content_hash": pa.array(["h"] * ROWS),
         "_changed": pa.array(np.zeros(ROWS, bool)),
     })
