@@ -503,6 +503,7 @@ def _strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
+@pytest.mark.slow
 @pytest.mark.pipeline
 def test_ray_job_submit_runs_embedjob_on_a_standalone_head(tmp_path, golden_dir):
     """What cluster/README.md tells users to do, on one machine: start a head, then

@@ -135,6 +135,7 @@ def test_out_of_memory_in_a_run_splits_batches_and_loses_no_row(
     _check_vectors(table, rows[::5], embedder)
 
 
+@pytest.mark.slow
 def test_out_of_memory_on_one_text_in_a_run_rejects_it_with_its_reason(
     s3_server, s3_prefix, ray_session, golden_dir
 ):
@@ -261,6 +262,7 @@ def _referenced(dataset: lance.LanceDataset) -> set[str]:
             for f in frag.data_files()}
 
 
+@pytest.mark.slow
 def test_failed_commit_leaves_nothing_visible_and_the_rerun_completes_and_cleans_up(
     s3_server, s3_prefix, ray_session, golden_dir, embedder, monkeypatch
 ):
@@ -462,6 +464,7 @@ def _logs_with(logs_dir: Path, secret: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_the_secret_key_appears_in_no_log_summary_message_or_metadata(
     s3_server, s3_prefix, ray_session, golden_dir, tmp_path
 ):
@@ -548,6 +551,7 @@ class _Weed:
             self.proc.wait(timeout=15)
 
 
+@pytest.mark.slow
 def test_s3_server_restarted_mid_run_ends_exactly_once_or_fails_clearly_and_reruns(
     ray_session, golden_dir, embedder, tmp_path
 ):

@@ -61,6 +61,7 @@ def _until_done(call, failures: list[str], attempts: int = 3):
     return call()
 
 
+@pytest.mark.slow
 def test_embed_and_refresh_through_a_flaky_store_complete_exactly_once(
     s3_server, s3_prefix, ray_session, golden_dir, embedder
 ):

@@ -32,7 +32,9 @@ from tests.pipeline.test_resume import (
 pytestmark = [pytest.mark.pipeline, pytest.mark.faults]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+    ids=["SIGTERM", "SIGINT"])
 def test_signal_commits_releases_the_lease_and_the_rerun_resumes_at_once(
     signum, s3_server, s3_prefix, ray_session, golden_dir, embedder, tmp_path
 ):

@@ -17,6 +17,7 @@ from embedjob.cli import main
 RUN_KEYS = {"tokens", "wall_s", "tokens_per_s", "padding_efficiency", "peak_rss_bytes"}
 
 
+@pytest.mark.slow
 @pytest.mark.pipeline
 def test_bench_prints_one_json_line_with_consistent_runs(ray_session, tmp_path, capsys):
     # no long-tail rows: a 32 x 8000 padded naive batch alone takes over a minute

@@ -142,6 +142,7 @@ class FailingEncodeActor(FaultyEncodeActor):
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_rule_for_duplicates_across_committed_and_redone_units(
     ray_session, golden_dir, tmp_path
 ):

@@ -125,6 +125,7 @@ def test_quantized_columns_equal_sign_bits_and_the_stamped_int8_formula(ray_sess
     assert (codes.min(0) <= -127).all() and (codes.max(0) >= 126).all()
 
 
+@pytest.mark.slow
 def test_resume_and_refresh_keep_the_stamped_calibration(ray_session, golden_dir,
                                                                  tmp_path):
     corpus = tmp_path / "corpus"

@@ -158,6 +158,7 @@ def test_refresh_scenarios_row_by_row_against_a_fresh_embed(
     assert all(np.abs(after[k] - fresh_vectors[k]).max() < 1e-5 for k in after)
 
 
+@pytest.mark.slow
 def test_refresh_keep_deleted_and_stamp_change_reembeds_everything(
     ray_session, golden_dir, tmp_path
 ):

@@ -106,6 +106,7 @@ def _check_exactly_once(s3_server, prefix: str, rows: list[dict], embedder) -> N
 
 
 
+@pytest.mark.slow
 def test_sigkill_driver_after_a_commit_then_rerun_resumes_exactly_once(
     s3_server, s3_prefix, ray_session, golden_dir, embedder, tmp_path
 ):
@@ -195,6 +196,7 @@ def test_rerun_of_an_interrupted_run_whose_input_changed_is_refused(
         run(config)
 
 
+@pytest.mark.slow
 def test_resume_redoes_only_the_unfinished_byte_ranges_of_a_file(
     ray_session, golden_dir, embedder, tmp_path
 ):
@@ -231,6 +233,7 @@ def test_resume_redoes_only_the_unfinished_byte_ranges_of_a_file(
         assert np.abs(got[r["id"]] - expected).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_a_run_whose_lease_renewals_fail_stops_before_its_next_commit(
     ray_session, golden_dir, embedder, tmp_path, monkeypatch
 ):

@@ -92,6 +92,7 @@ def test_embed_under_a_terminal_is_short_and_quiet(tmp_path, golden_dir) -> None
     assert lance.dataset(str(tmp_path / "out.lance")).count_rows() == ROWS - BLANK
 
 
+@pytest.mark.slow
 def test_piped_verbose_output_has_no_colour_codes(tmp_path, golden_dir, ray_session) -> None:
     env = _env(tmp_path, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
     proc = subprocess.run([*_args(tmp_path, golden_dir), "--verbose"], env=env,
