@@ -189,23 +189,23 @@ class EmbedConfig:
         (), commands=ALL, metavar="D,D,...",
         help="stored dims kept only quantized (no float column); each must be quantized")
     chunking: Literal["none", "late", "split"] = knob(
-        "none", commands=(EMBED,),
+        "none", commands=RUNS,
         help="long documents into a chunk table (one row per chunk): late = one forward per "
              "document (macro-windows past the model's context), each chunk the mean of its "
              "span's token states; split = each chunk embedded alone; none = one vector per "
              "row")
-    chunk_tokens: int = knob(256, commands=(EMBED,),
+    chunk_tokens: int = knob(256, commands=RUNS,
                              help="most text tokens per chunk (--chunking late|split)")
-    chunk_overlap: int = knob(0, commands=(EMBED,),
+    chunk_overlap: int = knob(0, commands=RUNS,
                               help="text tokens a chunk shares with the one before it "
                                    "(< --chunk-tokens)")
     chunk_boundaries: Literal["tokens", "sentences"] = knob(
-        "tokens", commands=(EMBED,),
+        "tokens", commands=RUNS,
         help="where chunks are cut: every --chunk-tokens tokens, or whole sentences packed up "
              "to --chunk-tokens (after . ! ? and a space, after 。！？ without one, at line "
              "breaks; a longer sentence is cut on token boundaries)")
     chunk_window_tokens: int | None = knob(
-        None, commands=(EMBED,),
+        None, commands=RUNS,
         help="--chunking late: tokens per forward (macro-window), special tokens and prefix "
              "included (default: the model's context)")
     compile: bool = knob(False, commands=RUNS,

@@ -132,7 +132,7 @@ def diff(plan: RunPlan, spec: DiffSpec, units: list[str], files: list[str],
     if files:
         held = ray.data.read_lance(
             spec.output, version=spec.version, filter=lineage_filter(files),
-            columns=[S.OUT_ID, S.CONTENT_HASH, S.SOURCE_FILE, S.SOURCE_ROW],
+            columns=[spec.id_column, S.CONTENT_HASH, S.SOURCE_FILE, S.SOURCE_ROW],
             scanner_options={"with_row_address": True},
             storage_options=spec.storage.lance_options() or None)
         sides.append(held.map_batches(output_keys, fn_kwargs={"spec": spec},

@@ -318,7 +318,8 @@ def _task(config: EmbedConfig, spec: ModelSpec) -> str | None:
 
 def plan_stamp(config: EmbedConfig) -> dict[str, str]:
     """The stamp a run of ``config`` would write (reads the model's config, no weights)."""
-    return _stamp(config, *model_plan(config, Storage.resolve(config.storage_options)))
+    spec, task, dims = model_plan(config, Storage.resolve(config.storage_options))
+    return _stamp(config, spec, task, dims) | _chunk_stamp(chunk_plan(config, spec, task))
 
 
 def portable_source(model: str) -> str:

@@ -72,12 +72,17 @@ def stamp_mismatch(output: lance.LanceDataset, stamp: Mapping[str, str]) -> list
     return [k for k in S.COMPATIBILITY_KEYS if held.get(k) != stamp.get(k)]
 
 
+def id_column(schema: pa.Schema) -> str:
+    """The output's id column: ``doc_id`` in a chunk table (one row per chunk), else ``id``."""
+    return S.DOC_ID if S.is_chunk_table(schema) else S.OUT_ID
+
+
 def ensure_indexes(dataset: lance.LanceDataset, storage: Storage) -> bool:
     """BTREE indexes on ``id`` (the diff looks up ids that unchanged units hold through it,
     one query per id partition) and on ``source_file`` (the diff's lineage scan reads only
     the dirty files' rows through it). Returns whether one was built now."""
     held = {tuple(i.field_names) for i in dataset.describe_indices()}
-    missing = [c for c in (S.OUT_ID, S.SOURCE_FILE) if (c,) not in held]
+    missing = [c for c in (id_column(dataset.schema), S.SOURCE_FILE) if (c,) not in held]
     large = dataset.count_rows() >= DISTRIBUTED_INDEX_ROWS
     for column in missing:
         if large:  # a large table's first refresh: the index is built on Ray workers
@@ -106,9 +111,6 @@ def refresh(config: EmbedConfig, *, reporter=None, encoder: type | None = None):
         raise ConfigError(f"refresh needs an existing output; {config.output!r} does not "
                           "exist: run `embedjob embed` first")
     output = storage.open_lance(config.output)
-    if config.chunked or S.is_chunk_table(output.schema):  # not built yet (issue #17)
-        raise ConfigError(f"refresh of a chunk table ({config.output!r}) is not supported yet; "
-                          "rerun `embedjob embed --chunking ... --mode overwrite`")
     mismatch = stamp_mismatch(output, preflight.plan_stamp(config))
     if mismatch:
         logger.warning("stamp changed (%s): re-embedding everything as a new version of %s",
@@ -184,7 +186,7 @@ def _diff_spec(plan, output: lance.LanceDataset, storage: Storage) -> D.DiffSpec
                       read_schema=plan.read.schema(),
                       positions={f: i for i, f in enumerate(source_files(plan.sources))},
                       partitions=partitions, keep_deleted=plan.config.keep_deleted,
-                      storage=storage)
+                      storage=storage, id_column=id_column(output.schema))
 
 
 @dataclass
@@ -232,7 +234,7 @@ def _diff_and_embed(plan, spec: D.DiffSpec, dirty: Dirty, encoder: type | None) 
         for pickled in result.column("rejected_fragments").to_pylist():
             work.rejected += load_fragments(pickled)
     if work.kinds.get(D.Kind.MOVED):
-        moved = diffed.filter(expr=f"{D.KIND} == {int(D.Kind.MOVED)}").map_batches(
+        moved = diffed.filter(expr=f"{D.KIND} == {int(D.Kind.MOVED)}").map_batches(  # (chunks too)
             D.copy_moved, fn_kwargs={"spec": spec, "schema": plan.schema},
             batch_size=plan.config.write_batch_rows, batch_format="pyarrow")
         for batch in moved.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -354,8 +356,10 @@ def _summary(plan, spec: D.DiffSpec, work: Work, wall_s: float):
 
     counts, kinds = work.counts, work.kinds
     before = plan.storage.open_lance(spec.output, version=spec.version).count_rows()
-    after = before - int(work.deleted.size) + counts.rows_embedded + kinds.get(D.Kind.MOVED, 0)
-    values = counts.counters() | {"rows_unchanged": after - counts.rows_embedded,
+    # a chunk table's rows are chunks (rows_embedded counts documents): unchanged = chunk rows
+    written = counts.chunks_embedded if plan.config.chunked else counts.rows_embedded
+    after = before - int(work.deleted.size) + written + kinds.get(D.Kind.MOVED, 0)
+    values = counts.counters() | {"rows_unchanged": after - written,
                                   "rows_changed": kinds.get(D.Kind.CHANGED, 0)}
     return Summary(
         **values, output=spec.output, rejected_output=plan.config.rejected_uri,

@@ -16,6 +16,12 @@ An id of a dirty unit that an *unchanged* unit's row holds is found with one loo
 output's id index per partition (only for ids the lineage side did not hold): that held
 row is a corpus row too and takes part in the rule at its own position; when it loses, it
 is deleted and rejected as a duplicate, exactly what a fresh embed would record.
+
+A chunk table (``DiffSpec.id_column`` = ``doc_id``) holds several rows per id, one per chunk,
+all with the document's hash and lineage: the decision is taken on the document (its first
+chunk row stands for it) and every other chunk row follows it (``_chunk_rows``): deleted
+(``Kind.CHUNK``) when the document is changed, gone or rejected, copied with the new lineage
+when it moved, untouched when it is unchanged.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class Kind(enum.IntEnum):
     UNCHANGED = 3
     MOVED = 4
     GONE = 5
+    CHUNK = 6  # chunk tables: another chunk row of a document replaced or deleted
 
 
 EMBED_KINDS = (Kind.NEW, Kind.CHANGED, Kind.REJECT)  # the rows that go on to tokenize
@@ -71,6 +78,7 @@ class DiffSpec:
         partitions: Hash partitions of the id.
         keep_deleted: Keep output rows whose id is gone from the corpus.
         storage: Resolved storage options.
+        id_column: The output's id column (``doc_id`` in a chunk table).
     """
 
     output: str
@@ -80,6 +88,7 @@ class DiffSpec:
     partitions: int
     keep_deleted: bool = False
     storage: Storage = field(default_factory=Storage)
+    id_column: str = S.OUT_ID
 
     def schema(self) -> pa.Schema:
         """The schema of both sides' rows and of the result (the read schema plus keys)."""
@@ -109,10 +118,11 @@ def input_keys(table: pa.Table, *, spec: DiffSpec) -> pa.Table:
 
 
 def output_keys(table: pa.Table, *, spec: DiffSpec, held: bool = False) -> pa.Table:
-    """Output rows (id, content_hash, source_file, source_row, _rowaddr) in the diff schema."""
+    """Output rows (id or doc_id, content_hash, source_file, source_row, _rowaddr) in the diff
+    schema."""
     n = table.num_rows
     columns = {S.SOURCE: table.column(S.SOURCE_FILE), S.ROW: table.column(S.SOURCE_ROW),
-               S.ID: table.column(S.OUT_ID)}
+               S.ID: table.column(spec.id_column)}
     rows = pa.table({name: columns.get(name, pa.nulls(n, f.type))
                      for name, f in zip(spec.read_schema.names, spec.read_schema,
                                         strict=True)}).cast(spec.read_schema)
@@ -141,11 +151,11 @@ def classify(group: pa.Table, *, spec: DiffSpec) -> pa.Table:
     result row is only counted or applied (addresses of rows to delete, moved lineage).
     """
     side = group.column(SIDE).to_numpy()
-    held = _held_rows(group, spec)
     rows = group.to_pylist()
+    outputs = [r for r, s in zip(rows, side, strict=True) if s == OUTPUT]
+    by_id, extra = _first_per_id(outputs + [{**r, SIDE: OUTPUT} for r in _held_rows(group, spec)])
+    held = [r for r in by_id.values() if r[HELD]]
     corpus = [r for r, s in zip(rows, side, strict=True) if s == INPUT] + held
-    by_id = {r[S.ID]: r for r, s in zip(rows, side, strict=True) if s == OUTPUT}
-    by_id.update({r[S.ID]: {**r, SIDE: OUTPUT} for r in held})
     winners: dict = {}
     for row in corpus:
         if row[S.ID] is not None:
@@ -155,7 +165,45 @@ def classify(group: pa.Table, *, spec: DiffSpec) -> pa.Table:
     out = [_decide(row, winners, by_id) for row in corpus]
     out += [{**row, KIND: Kind.GONE} for key, row in by_id.items()
             if not spec.keep_deleted and _gone(winners.get(key))]
-    return pa.Table.from_pylist([r for r in out if r is not None], schema=spec.schema())
+    out = [r for r in out if r is not None]
+    return pa.Table.from_pylist(out + _chunk_rows(out, by_id, extra), schema=spec.schema())
+
+
+def _first_per_id(rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Output rows -> (id -> its first row, the other rows of an id): a chunk table's other
+    chunk rows of a document (a plain table holds one row per id)."""
+    first: dict = {}
+    extra: list[dict] = []
+    for row in rows:
+        if row[S.ID] in first:
+            extra.append(row)
+        else:
+            first[row[S.ID]] = row
+    return first, extra
+
+
+def _chunk_rows(out: list[dict], by_id: dict, extra: list[dict]) -> list[dict]:
+    """A chunk table's other chunk rows follow their document's first row: copied with the
+    new lineage when it MOVED, deleted (CHUNK) when it is replaced or deleted (the decision
+    holds its address and is not UNCHANGED); untouched otherwise."""
+    if not extra:
+        return []
+    fate: dict = {}
+    for row in out:
+        first = by_id.get(row[S.ID])
+        if (first is None or row[ADDR] is None or row[ADDR] != first[ADDR]
+                or row[KIND] == Kind.UNCHANGED):
+            continue
+        if row[S.ID] not in fate or row[KIND] == Kind.MOVED:  # a moved document keeps them
+            fate[row[S.ID]] = row
+    added = []
+    for row in extra:
+        decided = fate.get(row[S.ID])
+        if decided is not None and decided[KIND] == Kind.MOVED:
+            added.append({**decided, ADDR: row[ADDR], SIDE: OUTPUT})  # (not a row read)
+        elif decided is not None:
+            added.append({**row, KIND: Kind.CHUNK})
+    return added
 
 
 def _gone(winner: dict | None) -> bool:
@@ -195,8 +243,8 @@ def _held_rows(group: pa.Table, spec: DiffSpec) -> list[dict]:
         return []
     dataset = spec.storage.open_lance(spec.output, version=spec.version)
     found = dataset.to_table(
-        columns=[S.OUT_ID, S.CONTENT_HASH, S.SOURCE_FILE, S.SOURCE_ROW],
-        filter=pc.field(S.OUT_ID).isin(pa.array(wanted, ids.type)), with_row_address=True)
+        columns=[spec.id_column, S.CONTENT_HASH, S.SOURCE_FILE, S.SOURCE_ROW],
+        filter=pc.field(spec.id_column).isin(pa.array(wanted, ids.type)), with_row_address=True)
     return output_keys(found, spec=spec, held=True).to_pylist()
 
 

@@ -6,6 +6,7 @@ chunk options fail before any model loads, naming the allowed values."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import lance
@@ -184,17 +185,83 @@ def test_bad_chunk_options_fail_before_any_model_loads(tmp_path, golden_dir,
     assert not (tmp_path / "o.lance").exists()
 
 
-def test_refresh_of_a_chunk_table_is_refused_not_converted(tmp_path, golden_dir,
-                                                           no_model_load) -> None:
-    """Refreshing chunk tables is not built yet: refused, never re-embedded as a row table."""
-    import pyarrow as pa
+def _doc(doc_id: int, offset: int, n: int) -> dict:
+    """A document of ``n`` real paragraphs (several chunks of 16 tokens, several windows)."""
+    return {"id": doc_id, "text": "\n".join(r["text"] for r in real_rows(n, offset)),
+            "lang": "x"}
 
+
+def _lineage(dataset) -> dict[tuple[int, int], tuple]:
+    """(doc_id, chunk) -> (spans, hash, lineage file name and row, vector)."""
+    from pathlib import Path
+
+    return {(r["doc_id"], r["chunk"]): (
+        r["char_start"], r["char_end"], r["token_start"], r["token_end"], r["n_tokens"],
+        r["content_hash"], Path(r["source_file"]).name, r["source_row"],
+        np.asarray(r["vector"], np.float32)) for r in dataset.to_table().to_pylist()}
+
+
+@pytest.mark.slow  # four runs: ~170 s on the shared 2-core box (load ~5)
+def test_refresh_of_a_chunk_table_per_document(ray_session, tmp_path, golden_dir) -> None:
+    """A changed document's chunks all replaced, a deleted one's all deleted, a moved one's
+    copied bit for bit, unchanged ones untouched, a new one's added: in one version, row by
+    row what a fresh chunk embed of the new corpus holds. Changed chunk settings re-embed
+    everything as a new version (a stamp change)."""
     from embedjob.ops.refresh import refresh
+    from tests.pipeline.test_refresh import data_versions_since, write_files
+
+    corpus = tmp_path / "corpus"
+    docs = [_doc(i, 3 * i, 2 + i % 2) for i in range(6)]
+    write_files(corpus, {"a.parquet": docs[:3], "b.parquet": docs[3:]})
+    config = EmbedConfig(input=str(corpus), format="parquet", output=str(tmp_path / "o.lance"),
+                         model=str(golden_dir), dims=(64, 16), max_tokens_per_batch=512,
+                         chunking="late", chunk_tokens=16, chunk_overlap=4,
+                         chunk_window_tokens=64, lease_ttl_s=30)
+    run(config)
+    before = _lineage(lance.dataset(config.output))
+
+    changed = dict(docs[1], text=docs[1]["text"] + " (amended)")
+    write_files(corpus, {"a.parquet": [docs[0], changed, docs[2]],
+                         "b.parquet": [docs[3], docs[5]],      # doc 4 deleted, doc 5 moved
+                         "c.parquet": [_doc(9, 40, 3)]})
+    version = lance.dataset(config.output).version
+    summary = refresh(config)
+    versions = data_versions_since(config.output, version)
+    assert len(versions) == 1 and S.TX_COMPLETE in versions[0]
+    after = _lineage(lance.dataset(config.output))
+    fresh = dataclasses.replace(config, output=str(tmp_path / "fresh.lance"),
+                                rejected_output=None)
+    run(fresh)
+    want = _lineage(lance.dataset(fresh.output))
+    assert sorted(after) == sorted(want)
+    for key, row in after.items():
+        assert row[:8] == want[key][:8], key
+        assert max_err(row[8], want[key][8]) < 1e-5
+    for key in (k for k in before if k[0] in (0, 2, 3, 5)):  # not re-embedded
+        assert np.array_equal(after[key][8], before[key][8]), key
+    assert after[(5, 0)][6:8] == ("b.parquet", 1)            # moved: the new lineage
+    new_chunks = sum(k[0] in (1, 9) for k in after)
+    assert (summary.rows_embedded, summary.chunks_embedded, summary.rows_changed,
+            summary.rows_new, summary.rows_deleted, summary.rows_read) == (
+        2, new_chunks, 1, 1, 1, 6)
+    assert summary.rows_unchanged == len(after) - new_chunks
+
+    migrated = refresh(dataclasses.replace(config, chunk_tokens=24))
+    stamp = json.loads(S.schema_metadata(lance.dataset(config.output).schema)[S.CHUNKING])
+    assert (migrated.rows_embedded, stamp["tokens"]) == (6, 24)
+
+
+def test_refresh_stamp_holds_the_chunk_settings(tmp_path, golden_dir, no_model_load) -> None:
+    """refresh compares the chunk settings as part of the stamp: other settings (or none)
+    than the table's are a stamp change (everything re-embedded as a new version)."""
+    from embedjob.driver.preflight import plan_stamp
 
     path = tmp_path / "in.parquet"
     pq.write_table(to_table(real_rows(2)), path)
-    out = tmp_path / "chunks.lance"
-    lance.write_dataset(pa.table({"doc_id": [0], "chunk": pa.array([0], pa.int32())}), str(out))
-    with pytest.raises(ConfigError, match="refresh of a chunk table .* is not supported yet"):
-        refresh(EmbedConfig(input=str(path), output=str(out), model=str(golden_dir)))
-    assert lance.dataset(str(out)).version == 1
+    base = {"input": str(path), "output": str(tmp_path / "o.lance"), "model": str(golden_dir)}
+    late = plan_stamp(EmbedConfig(**base, chunking="late", chunk_tokens=16, chunk_overlap=4))
+    held = json.loads(late[S.CHUNKING])
+    assert (held["mode"], held["tokens"], held["overlap"]) == ("late", 16, 4)
+    other = plan_stamp(EmbedConfig(**base, chunking="late", chunk_tokens=24))
+    assert json.loads(other[S.CHUNKING])["tokens"] == 24
+    assert S.CHUNKING not in plan_stamp(EmbedConfig(**base))

@@ -109,3 +109,50 @@ def test_dirty_units_skips_files_recorded_with_the_listed_fingerprint():
     assert split.files == ["c", "z"]           # d has no output rows; z vanished
     assert split.clean == {"a": ("1:1", None), "b#bytes=0-10": ("2:2", (0, 4)),
                            "b#bytes=10-20": ("2:2", (4, 9))}
+
+
+def test_classify_a_chunk_table_decides_per_document(tmp_path):
+    """Several rows per doc_id (one per chunk): every chunk row of a changed, gone or
+    duplicate-losing document is deleted, a moved one's are all copied with the new lineage,
+    an unchanged one's untouched; counts per document for the document kinds."""
+    uri = str(tmp_path / "c.lance")
+    chunks = [(1, "one", "a", 0), (1, "one", "a", 0), (2, "two", "a", 1), (2, "two", "a", 1),
+              (2, "two", "a", 1), (3, "three", "a", 2), (3, "three", "a", 2),
+              (4, "four", "a", 3), (4, "four", "a", 3), (5, "five", "b", 0),
+              (5, "five", "b", 0)]
+    lance.write_dataset(pa.table({
+        S.DOC_ID: pa.array([r[0] for r in chunks], pa.int64()),
+        S.CHUNK: pa.array([0, 1, 0, 1, 2, 0, 1, 0, 1, 0, 1], pa.int32()),
+        S.CONTENT_HASH: [check.content_hash(r[1]) for r in chunks],
+        S.SOURCE_FILE: [r[2] for r in chunks],
+        S.SOURCE_ROW: pa.array([r[3] for r in chunks], pa.int64())}), uri)
+    spec = D.DiffSpec(output=uri, version=1, read_schema=READ, positions={"a": 0, "b": 1},
+                      partitions=1, id_column=S.DOC_ID)
+    lineage = lance.dataset(uri).to_table(filter=D.lineage_filter(["a"]),
+                                          with_row_address=True)
+    corpus = _corpus(spec, [("a", 0, 1, "one"), ("a", 1, 2, "two, amended"),
+                            ("a", 2, 4, "four"),       # moved from row 3; doc 3 is gone
+                            ("a", 3, 5, "five")])      # wins id 5 from unchanged file b
+    both = pa.concat_tables([corpus, D.output_keys(lineage, spec=spec)])
+    result = D.classify(both, spec=spec)
+    addrs = {a: (d, c) for a, d, c in zip(
+        lineage.column("_rowaddr").to_pylist(), lineage.column(S.DOC_ID).to_pylist(),
+        lineage.column(S.CHUNK).to_pylist(), strict=True)}
+    held_b = lance.dataset(uri).to_table(filter="source_file = 'b'", with_row_address=True)
+    addrs |= {a: (5, c) for a, c in zip(held_b.column("_rowaddr").to_pylist(),
+                                       held_b.column(S.CHUNK).to_pylist(), strict=True)}
+    per_kind: dict = {}
+    for r in result.to_pylist():
+        chunk = addrs[r[D.ADDR]][1] if r[D.ADDR] is not None else None
+        per_kind.setdefault(D.Kind(r[D.KIND]).name, []).append(
+            (r[S.ID], chunk, r[S.SOURCE], r[S.ROW]))
+    assert {k: sorted(v) for k, v in per_kind.items()} == {
+        "UNCHANGED": [(1, 0, "a", 0)],
+        "CHANGED": [(2, 0, "a", 1)],
+        "GONE": [(3, 0, "a", 2)],
+        "MOVED": [(4, 0, "a", 2), (4, 1, "a", 2), (5, 0, "a", 3), (5, 1, "a", 3)],
+        "REJECT": [(5, 0, "b", 0)],           # b's document loses its id: deleted, rejected
+        "CHUNK": [(2, 1, "a", 1), (2, 2, "a", 1), (3, 1, "a", 2)],  # (5's chunk 1: moved)
+    }
+    side = result.filter(pa.compute.equal(result.column(D.KIND), int(D.Kind.MOVED)))
+    assert sorted(side.column(D.SIDE).to_pylist()) == [D.INPUT, D.INPUT, D.OUTPUT, D.OUTPUT]
