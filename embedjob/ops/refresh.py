@@ -111,6 +111,11 @@ def refresh(config: EmbedConfig, *, reporter=None, encoder: type | None = None):
         raise ConfigError(f"refresh needs an existing output; {config.output!r} does not "
                           "exist: run `embedjob embed` first")
     output = storage.open_lance(config.output)
+    held = S.schema_metadata(output.schema).get(S.CHUNKING)
+    if held and config.chunking == "none":  # a forgotten flag must not unchunk the table
+        raise ConfigError(f"{config.output!r} is a chunk table (chunking {held}): refresh it "
+                          "with the same --chunking/--chunk-* flags, or rewrite it as a plain "
+                          "table with `embedjob embed --mode overwrite`")
     mismatch = stamp_mismatch(output, preflight.plan_stamp(config))
     if mismatch:
         logger.warning("stamp changed (%s): re-embedding everything as a new version of %s",

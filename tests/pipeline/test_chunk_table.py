@@ -265,3 +265,21 @@ def test_refresh_stamp_holds_the_chunk_settings(tmp_path, golden_dir, no_model_l
     other = plan_stamp(EmbedConfig(**base, chunking="late", chunk_tokens=24))
     assert json.loads(other[S.CHUNKING])["tokens"] == 24
     assert S.CHUNKING not in plan_stamp(EmbedConfig(**base))
+
+
+def test_refresh_of_a_chunk_table_without_chunk_flags_is_refused(tmp_path, golden_dir) -> None:
+    """A refresh that forgot --chunking must not rewrite a chunk table as a plain one."""
+    import pyarrow as pa
+
+    from embedjob.ops.refresh import refresh
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(to_table(real_rows(2)), path)
+    held = json.dumps({"mode": "late", "tokens": 16})
+    table = pa.table({S.DOC_ID: ["a"]}).replace_schema_metadata({S.CHUNKING: held})
+    lance.write_dataset(table, str(tmp_path / "o.lance"))
+    config = EmbedConfig(input=str(path), output=str(tmp_path / "o.lance"),
+                         model=str(golden_dir))
+    with pytest.raises(ConfigError, match="is a chunk table .*--chunking"):
+        refresh(config)
+    assert lance.dataset(str(tmp_path / "o.lance")).version == 1
