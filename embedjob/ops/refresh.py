@@ -52,7 +52,8 @@ from embedjob import schema as S
 from embedjob.config import EmbedConfig
 from embedjob.driver.commit import commit_transaction
 from embedjob.driver.lease import Lease
-from embedjob.errors import ConfigError
+from embedjob.driver.stop import Stop, StopRequested, stop_on_signal
+from embedjob.errors import ConfigError, RunStopped
 from embedjob.stages import diff as D
 from embedjob.stages.read import unit_file
 from embedjob.storage import Storage
@@ -122,8 +123,14 @@ def refresh(config: EmbedConfig, *, reporter=None, encoder: type | None = None):
                        ", ".join(mismatch), config.output)
         return run.run(dataclasses.replace(config, mode="overwrite"), encoder=encoder,
                        reporter=reporter)
-    with Lease(output=config.output, ttl_s=config.lease_ttl_s, storage=storage):
-        return _refresh(config, storage, reporter or run.Reporter(), encoder)
+    try:
+        with stop_on_signal() as stop, Lease(output=config.output, ttl_s=config.lease_ttl_s,
+                                             storage=storage):
+            return _refresh(config, storage, reporter or run.Reporter(), encoder, stop)
+    except StopRequested as stop:  # a signal or the node watch: before the one commit
+        raise RunStopped(f"stopped by {stop}: nothing committed (a refresh commits once, at "
+                         "its end); rerun the same command to resume (the lease is released, "
+                         "so it starts at once)", stop.exit_code) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,13 +161,16 @@ def dirty_units(sources: list[str], fingerprints: Mapping[str, str], done: Mappi
     return Dirty(units=dirty, files=files, clean=clean)
 
 
-def _refresh(config: EmbedConfig, storage: Storage, reporter, encoder: type | None):
+def _refresh(config: EmbedConfig, storage: Storage, reporter, encoder: type | None,
+             stop: Stop):
     """Under the output's lease: plan, diff, embed, one commit, upkeep."""
-    from embedjob.driver import calibrate, preflight, progress, run
+    from embedjob.driver import calibrate, nodes, preflight, progress, run
 
     started = time.monotonic()
     plan = preflight.plan_run(dataclasses.replace(config, mode="append"))
     run._init_ray(config, reporter.forward_worker_logs)
+    stop.reinstall()  # ray.init installed its own SIGTERM handler
+    nodes.NodeWatch.start(config, stop)  # no node for an encode actor: stop after a wait
     output = storage.open_lance(config.output)
     plan = calibrate.settle(plan, S.schema_metadata(output.schema).get(S.INT8_CALIBRATION))
     if ensure_indexes(output, storage):
@@ -172,7 +182,8 @@ def _refresh(config: EmbedConfig, storage: Storage, reporter, encoder: type | No
                 len(dirty.files))
     reporter.started(plan)
     spec = _diff_spec(plan, output, storage)
-    work = _diff_and_embed(plan, spec, dirty, encoder)
+    with stop.waiting():  # nothing is committed until ``_commit``: a stop may break in here
+        work = _diff_and_embed(plan, spec, dirty, encoder)
     reporter.finished()
     summary = _commit(plan, spec, dirty, work, started)
     _upkeep(config, storage, output.count_rows() > 0)
