@@ -74,8 +74,10 @@ class CrashWatch:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        # hard, like the read tracker and the writers: a soft affinity may spill onto a
+        # worker node, and losing that node would lose the crash counts with it
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                              soft=True)
+                                              soft=False)
         actor = ray.remote(num_cpus=0, scheduling_strategy=here)(CrashLedger)
         return cls(ledger=actor.remote(), retries=retries)
 
