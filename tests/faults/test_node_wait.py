@@ -44,6 +44,7 @@ def test_a_cluster_without_a_node_for_the_encode_actors_fails_after_the_wait_nam
     assert not fs.exists(f"{s3_server.bucket}/{s3_prefix}/out.lease.json")  # released
 
 
+@pytest.mark.slow
 def test_a_refresh_without_a_node_for_the_encode_actors_stops_after_the_wait_then_resumes(
     s3_server, s3_prefix, ray_session, golden_dir, tmp_path
 ):
