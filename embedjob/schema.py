@@ -251,6 +251,9 @@ TX_RUN_KEY = "embedjob.run_key"
 TX_UNITS = "embedjob.units"  # JSON: the units this commit finishes, per file
 TX_RUN_START = "embedjob.run_start"  # on a fresh run's first commit
 TX_COMPLETE = "embedjob.complete"  # on the run's last commit
+TX_GONE = "embedjob.gone"  # JSON list: units a refresh delta removes from the record
+# a refresh writes a full record (a checkpoint) after this many deltas: bounds the walk
+REFRESH_CHECKPOINT_EVERY = 64
 
 
 def schema_metadata(schema: pa.Schema) -> dict[str, str]:

@@ -141,13 +141,25 @@ def record_from_history(dataset) -> ProgressRecord | None:
     return ProgressRecord(run_key=key, done=done, ranges=ranges, complete=complete)
 
 
-def committed_units(dataset) -> tuple[str | None, dict[str, str], dict[str, tuple[int, int]]]:
-    """What the newest run (or refresh) recorded, complete or not: (its run key,
-    unit -> fingerprint, unit -> key range), gathered back to its first commit. A refresh's
-    one commit records every unit of the corpus, so the walk stops there."""
-    key = None
+@dataclass(frozen=True)
+class UnitWalk:
+    """The record folded from the newest run's (or refresh's) commits back to its start."""
+
+    key: str | None
+    done: dict[str, str]  # unit -> fingerprint
+    ranges: dict[str, tuple[int, int]]  # byte-range unit -> key range
+    based: bool  # the walk reached the run's full record (``run_start``); False once pruned
+    deltas: int  # refresh deltas (commits with ``embedjob.gone``) above that record
+
+
+def walk_units(dataset) -> UnitWalk:
+    """Fold the newest run key's commits, newest first: a newer commit's record of a unit
+    wins, a tombstone (``embedjob.gone``) removes it, the run's first commit (``run_start``,
+    also a refresh's full checkpoint) ends the walk. One small read per version walked."""
+    key, based, deltas = None, False, 0
     done: dict[str, str] = {}
     ranges: dict[str, tuple[int, int]] = {}
+    removed: set[str] = set()
     for version in sorted((v["version"] for v in dataset.versions()), reverse=True):
         transaction = dataset.read_transaction(version)
         props = (transaction.transaction_properties or {}) if transaction else {}
@@ -157,17 +169,35 @@ def committed_units(dataset) -> tuple[str | None, dict[str, str], dict[str, tupl
         units: dict[str, str] = {}
         spans: dict[str, tuple[int, int]] = {}
         _add_units(props.get(S.TX_UNITS), units, spans)
-        done, ranges = units | done, spans | ranges  # a newer commit's record wins
+        units = {u: f for u, f in units.items() if u not in removed}
+        done, ranges = units | done, {u: r for u, r in spans.items() if u in units} | ranges
+        if S.TX_GONE in props:
+            deltas += 1
+            removed |= set(json.loads(props[S.TX_GONE])) - done.keys()
         if S.TX_RUN_START in props:
+            based = True
             break
-    return key, done, ranges
+    return UnitWalk(key=key, done=done, ranges=ranges, based=based, deltas=deltas)
+
+
+def committed_units(dataset) -> tuple[str | None, dict[str, str], dict[str, tuple[int, int]]]:
+    """What the newest run (or refresh) recorded, complete or not: (its run key,
+    unit -> fingerprint, unit -> key range); see ``walk_units``."""
+    walk = walk_units(dataset)
+    return walk.key, walk.done, walk.ranges
 
 
 def commit_properties(key: str, finished: Mapping[str, tuple[str, tuple[int, int] | None]],
-                      *, first: bool, last_run: str | None) -> dict[str, str]:
+                      *, first: bool, last_run: str | None,
+                      gone: list[str] | None = None) -> dict[str, str]:
     """The transaction properties of one output commit (only what it adds).
 
-    ``finished``: unit -> (its file's fingerprint, its key range or None).
+    Args:
+        key: The run key.
+        finished: unit -> (its file's fingerprint, its key range or None).
+        first: The run's first commit, or a refresh's full checkpoint (ends the walk).
+        last_run: The run summary (JSON) on the run's last commit, else None.
+        gone: A refresh delta's tombstones: recorded units no longer listed (None: no delta).
     """
     files: dict[str, dict] = {}
     for unit, (fingerprint, key_range) in sorted(finished.items()):
@@ -177,6 +207,8 @@ def commit_properties(key: str, finished: Mapping[str, tuple[str, tuple[int, int
     props = {S.TX_RUN_KEY: key, S.TX_UNITS: json.dumps(files, separators=(",", ":"))}
     if first:
         props[S.TX_RUN_START] = "1"
+    elif gone is not None:
+        props[S.TX_GONE] = json.dumps(sorted(gone), separators=(",", ":"))
     if last_run is not None:
         props |= {S.TX_COMPLETE: "1", S.LAST_RUN_KEY: last_run}
     return props

@@ -140,6 +140,8 @@ class Dirty:
     units: list[str]  # every unit of a changed or new file
     files: list[str]  # changed files and vanished ones: the output rows the diff reads
     clean: dict[str, tuple[str, tuple[int, int] | None]]  # skipped unit -> (fp, range)
+    gone: list[str] = dataclasses.field(default_factory=list)  # recorded units not listed
+    checkpoint: bool = True  # the commit writes the full record, not a delta
 
 
 def dirty_units(sources: list[str], fingerprints: Mapping[str, str], done: Mapping[str, str],
@@ -158,7 +160,7 @@ def dirty_units(sources: list[str], fingerprints: Mapping[str, str], done: Mappi
             dirty += units
     gone = {unit_file(u) for u in done} - set(by_file)
     files = sorted(gone | {unit_file(u) for u in dirty} & {unit_file(u) for u in done})
-    return Dirty(units=dirty, files=files, clean=clean)
+    return Dirty(units=dirty, files=files, clean=clean, gone=sorted(set(done) - set(sources)))
 
 
 def _refresh(config: EmbedConfig, storage: Storage, reporter, encoder: type | None,
@@ -175,8 +177,12 @@ def _refresh(config: EmbedConfig, storage: Storage, reporter, encoder: type | No
     plan = calibrate.settle(plan, S.schema_metadata(output.schema).get(S.INT8_CALIBRATION))
     if ensure_indexes(output, storage):
         output = storage.open_lance(config.output)
-    _, done, ranges = progress.committed_units(output)
-    dirty = dirty_units(plan.sources, plan.fingerprints, done, ranges)
+    walk = progress.walk_units(output)
+    # a pruned history (no full record left) is read whole: the diff keeps it correct
+    done, ranges = (walk.done, walk.ranges) if walk.based else ({}, {})
+    dirty = dataclasses.replace(
+        dirty_units(plan.sources, plan.fingerprints, done, ranges),
+        checkpoint=not walk.based or walk.deltas + 1 >= S.REFRESH_CHECKPOINT_EVERY)
     logger.info("refresh: %d of %d units unchanged (not read), %d to diff; %d files' output "
                 "rows to compare", len(dirty.clean), len(plan.sources), len(dirty.units),
                 len(dirty.files))
@@ -297,7 +303,8 @@ def _deletions(spec: D.DiffSpec, addrs: np.ndarray, cpus: float) -> tuple[list[i
 
 def _commit(plan, spec: D.DiffSpec, dirty: Dirty, work: Work, started: float):
     """The rejected table's commit, then the output's one commit (rows, deletions, the
-    record of every unit and the summary as its transaction properties)."""
+    record of the units it read again, tombstones, the summary as its transaction
+    properties; every ``REFRESH_CHECKPOINT_EVERY``-th refresh records every unit)."""
     from embedjob.driver import progress
 
     cfg, storage = plan.config, plan.storage
@@ -306,12 +313,14 @@ def _commit(plan, spec: D.DiffSpec, dirty: Dirty, work: Work, started: float):
     _commit_rejected(cfg.rejected_uri, storage, replaced, work)
     removed, updated = _deletions(spec, work.deleted, cfg.cpus_per_task)
     summary = _summary(plan, spec, work, time.monotonic() - started)
-    finished = dict(dirty.clean)
+    # a delta records only the units read again plus tombstones; a checkpoint records all
+    finished = dict(dirty.clean) if dirty.checkpoint else {}
     for unit in dirty.units:
         rows_and_range = work.read.get(unit, (0, None))
         finished[unit] = (plan.fingerprints[unit_file(unit)], rows_and_range[1])
-    properties = progress.commit_properties(plan.run_key, finished, first=True,
-                                            last_run=json.dumps(dataclasses.asdict(summary)))
+    properties = progress.commit_properties(plan.run_key, finished, first=dirty.checkpoint,
+                                            last_run=json.dumps(dataclasses.asdict(summary)),
+                                            gone=None if dirty.checkpoint else dirty.gone)
     operation = lance.LanceOperation.Update(removed_fragment_ids=removed,
                                             updated_fragments=updated,
                                             new_fragments=work.main)

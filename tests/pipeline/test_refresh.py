@@ -25,7 +25,13 @@ from embedjob.config import EmbedConfig
 from embedjob.driver.run import run
 from embedjob.ops.refresh import refresh
 from embedjob.table.info import last_run_json
-from tests.pipeline_helpers import content_hash, real_rows, to_table, vectors_by_id
+from tests.pipeline_helpers import (
+    content_hash,
+    real_rows,
+    recorded_units,
+    to_table,
+    vectors_by_id,
+)
 
 pytestmark = pytest.mark.pipeline
 TASK = "retrieval.passage"
@@ -124,7 +130,10 @@ def test_refresh_scenarios_row_by_row_against_a_fresh_embed(
     changed, props = _refresh_once(config)
     assert (changed.rows_read, changed.rows_embedded, changed.rows_changed,
             changed.rows_new, changed.rows_deleted) == (5, 1, 1, 0, 1)
-    assert len(json.loads(props[S.TX_UNITS])) == FILES    # the record holds every file
+    # the commit records only the file it read again (no tombstones); the fold has them all
+    assert [Path(f).name for f in json.loads(props[S.TX_UNITS])] == ["p2.parquet"]
+    assert json.loads(props[S.TX_GONE]) == []
+    assert len(recorded_units(config.output)[1]) == FILES
     got = check_table(config.output, corpus, embedder)
     assert np.array_equal(got[moved["id"]], first[moved["id"]])    # copied, bit for bit
     assert np.array_equal(got[0], first[0])                        # unread file: untouched
