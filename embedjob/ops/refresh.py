@@ -16,8 +16,10 @@
    itself. MOVED rows are copied with their new lineage (their stored vectors, not
    re-embedded).
 4. **One commit**: a Lance ``Update`` holding the new fragments and the deletion vectors of
-   every replaced or gone row, with the record of every unit (the new fingerprints) and the
-   run summary as its transaction properties. A reader sees the table before or after.
+   every replaced or gone row, with the units read again (their new fingerprints), the
+   tombstones of units no longer listed and the run summary as its transaction properties
+   (a full record every ``REFRESH_CHECKPOINT_EVERY``-th refresh). A reader sees the
+   table before or after.
    The rejected table is committed just before it the same way.
 5. **Upkeep**: index deltas for indexes with many unindexed rows, compaction with
    ``lance_ray`` when small fragments piled up, version retention.
