@@ -33,6 +33,7 @@ from pathlib import Path
 
 from embedjob.bench import model_dir
 from embedjob.bench.scale import (
+    HeapSnapshots,
     NoopEncodeActor,
     ProcessSampler,
     counting_s3,
@@ -63,10 +64,11 @@ def one_run(name: str, corpus: Path, files: int, args, s3=None) -> dict:
                          read_unit_bytes=args.read_unit_bytes, read_tasks=args.read_tasks)
     shard_bytes: list[int] = []
     encoder = NoopEncodeActor if args.encoder == "noop" else None
-    with ProcessSampler() as sampler:
+    with ProcessSampler() as sampler, HeapSnapshots(enabled=args.tracemalloc) as heap:
         summary, index = run_module.run_keeping_ids(config, encoder=encoder)
         if index is not None:
             shard_bytes = index.nbytes()
+    heap.show()
     extra = output_figures(str(out)) | {
         "shard_bytes_after": sum(shard_bytes), "rows_duplicate": summary.rows_duplicate,
         "rows_embedded": summary.rows_embedded}
@@ -88,8 +90,14 @@ def show(r: dict) -> None:
           f"largest worker {r['largest_worker_peak_mib']:>7.1f} MiB ({r['largest_worker']})  "
           f"req/file {r['input_requests_per_file']}  "
           f"manifest {r['manifest_bytes']:,} B  data files {r['data_files']}", flush=True)
+    print("    driver peak MiB by kind: " + ", ".join(
+        f"{k} {v}" for k, v in r["driver_peak_kinds_mib"].items()), flush=True)
     print("    peak MiB by role: " + ", ".join(f"{k} {v}" for k, v in
                                                r["peak_mib_by_role"].items()), flush=True)
+    for p in r["largest_processes"]:
+        print(f"    pid {p['pid']}: peak {p['peak_mib']} MiB as {p['role_at_peak']}; roles "
+              f"{' -> '.join(p['roles'])}; MiB by tenth of its life {p['rss_mib_by_tenth']}",
+              flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -108,6 +116,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--encoder", choices=["noop", "tiny"], default="noop")
     parser.add_argument("--id-shards", type=int, default=None)
     parser.add_argument("--assume-unique-ids", action="store_true")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="trace the driver's Python heap; print its largest holders at "
+                             "the traced peak")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of the local Ray (default: the machine's)")
     args = parser.parse_args(argv)

@@ -100,6 +100,12 @@ class ProcessSampler:
     interval_s: float = 0.5
     driver: int = 0
     roles: dict[str, int] = field(default_factory=dict)
+    # per worker process: its peak, the role it had then, and every role it was seen in
+    # (Ray reuses an idle task worker for another function: its heap carries over)
+    processes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # the driver's peak split as /proc reports it: RssAnon (private heap: Python, Ray's C++
+    # core worker, Arrow), RssFile (mapped libraries), RssShmem (object-store pages it touched)
+    driver_kinds: dict[str, int] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> ProcessSampler:
@@ -116,16 +122,46 @@ class ProcessSampler:
         workers = {k: v for k, v in self.roles.items() if k.startswith("ray::")}
         return max(workers.items(), key=lambda kv: kv[1]) if workers else ("", 0)
 
+    def largest_processes(self, top: int = 5) -> list[dict[str, Any]]:
+        """The ``top`` worker processes by peak: pid, peak MiB, the role at the peak, every
+        role seen (in order), and the RSS at each tenth of its sampled life (growth vs a
+        fixed cost)."""
+        ranked = sorted(self.processes.items(), key=lambda kv: -kv[1]["peak"])[:top]
+        return [{"pid": pid, "peak_mib": mib(p["peak"]), "role_at_peak": p["role_at_peak"],
+                 "roles": p["roles"], "rss_mib_by_tenth": _tenths(p["trace"])}
+                for pid, p in ranked]
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
     def _sample(self) -> None:
-        self.driver = max(self.driver, _vm_rss(os.getpid()))
+        rss = _vm_rss(os.getpid())
+        if rss > self.driver:  # which pages: private heap, mapped files, shared memory
+            self.driver, self.driver_kinds = rss, _rss_kinds(os.getpid())
         for pid in _descendants():
             role = _role(pid)
             if role:
-                self.roles[role] = max(self.roles.get(role, 0), _vm_rss(pid))
+                rss = _vm_rss(pid)
+                self.roles[role] = max(self.roles.get(role, 0), rss)
+                if role.startswith("ray::"):
+                    self._track(pid, role, rss)
+
+    def _track(self, pid: int, role: str, rss: int) -> None:
+        p = self.processes.setdefault(pid, {"peak": 0, "role_at_peak": role, "roles": [],
+                                            "trace": []})
+        if not p["roles"] or p["roles"][-1] != role:
+            p["roles"].append(role)
+        if rss > p["peak"]:
+            p["peak"], p["role_at_peak"] = rss, role
+        p["trace"].append(rss)
+
+
+def _tenths(trace: list[int]) -> list[float]:
+    if not trace:
+        return []
+    return [mib(trace[min(len(trace) - 1, i * len(trace) // 10)]) for i in range(10)] \
+        + [mib(trace[-1])]
 
 
 def _descendants() -> list[int]:
@@ -151,6 +187,17 @@ def _role(pid: int) -> str | None:
     return base if base in ("raylet", "gcs_server") else None
 
 
+def _rss_kinds(pid: int) -> dict[str, int]:
+    kinds = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                kinds[line.split(":")[0]] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return kinds
+
+
 def _vm_rss(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -159,6 +206,64 @@ def _vm_rss(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+@dataclass
+class HeapSnapshots:
+    """The driver's Python heap (``tracemalloc``) while the run streams: a snapshot every
+    ``interval_s``; ``show`` prints the traced peak and the largest holders, by allocation
+    site, of the largest snapshot and of the last one (near the end of the run, when every
+    unit has been planned, read and recorded). Off unless ``enabled``."""
+
+    enabled: bool = False
+    interval_s: float = 5.0
+    frames: int = 12
+    largest: tuple[int, Any] = (0, None)
+    last: tuple[int, Any] = (0, None)
+    peak: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> HeapSnapshots:
+        import tracemalloc
+
+        if self.enabled:
+            tracemalloc.start(self.frames)
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import tracemalloc
+
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+            self.peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+
+    def _loop(self) -> None:
+        import tracemalloc
+
+        while not self._stop.wait(self.interval_s):
+            snapshot = tracemalloc.take_snapshot()
+            size = sum(stat.size for stat in snapshot.statistics("filename"))
+            self.last = (size, snapshot)
+            if size > self.largest[0]:
+                self.largest = (size, snapshot)
+
+    def show(self, top: int = 12) -> None:
+        """Print the traced peak and the two snapshots' largest allocation sites."""
+        if not self.enabled:
+            return
+        print(f"    driver heap: traced peak {mib(self.peak)} MiB", flush=True)
+        for label, (size, snapshot) in (("largest", self.largest), ("last", self.last)):
+            if snapshot is None:
+                continue
+            print(f"    {label} snapshot: {mib(size)} MiB traced", flush=True)
+            for stat in snapshot.statistics("traceback")[:top]:
+                frames = [f"{Path(f.filename).name}:{f.lineno}" for f in stat.traceback[-6:]]
+                print(f"      {stat.size / 2**20:8.2f} MiB {stat.count:>8} blocks  "
+                      + " < ".join(reversed(frames)), flush=True)
 
 
 # ---------------------------------------------------------------- the output's figures
@@ -254,9 +359,12 @@ def record(name: str, summary: Any, sampler: ProcessSampler, files: int,
     return {
         "run": name, "rows": rows, "files": files, "wall_s": summary.wall_s,
         "rows_per_s": round(rows / summary.wall_s, 1) if summary.wall_s else 0.0,
-        "driver_peak_mib": mib(sampler.driver), "largest_worker_peak_mib": mib(largest),
+        "driver_peak_mib": mib(sampler.driver),
+        "driver_peak_kinds_mib": {k: mib(v) for k, v in sampler.driver_kinds.items()},
+        "largest_worker_peak_mib": mib(largest),
         "largest_worker": role,
         "peak_mib_by_role": {k: mib(v) for k, v in sorted(sampler.roles.items())},
+        "largest_processes": sampler.largest_processes(),
         **extra,
     }
 
