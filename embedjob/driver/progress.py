@@ -21,7 +21,7 @@ import hashlib
 import json
 import operator
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import pyarrow.compute as pc
@@ -115,27 +115,39 @@ def read_record(uri: str, storage: Storage) -> ProgressRecord | None:
     return record if record is not None else ProgressRecord.from_metadata(dataset.metadata)
 
 
-def record_from_history(dataset) -> ProgressRecord | None:
-    """Walk back from the latest version: transactions without a run key (deletes,
-    compaction, index builds) are skipped; the newest run key decides the run; its units
-    are gathered until its first commit (``run_start``) or another run's commit."""
-    key, complete = None, False
-    done: dict[str, str] = {}
-    ranges: dict[str, tuple[int, int]] = {}
+def _newest_run_commits(dataset) -> Iterator[dict[str, str]]:
+    """The transaction properties of the newest run key's commits, newest first.
+
+    Transactions without a run key (deletes, compaction, index builds) are skipped; the walk
+    ends after the run's first commit (``run_start``) or at another run's commit. One small
+    read per version walked.
+    """
+    key = None
     for version in sorted((v["version"] for v in dataset.versions()), reverse=True):
         transaction = dataset.read_transaction(version)
         props = (transaction.transaction_properties or {}) if transaction else {}
         if S.TX_RUN_KEY not in props:
             continue
+        if key is not None and props[S.TX_RUN_KEY] != key:
+            return
+        key = props[S.TX_RUN_KEY]
+        yield props
+        if S.TX_RUN_START in props:
+            return
+
+
+def record_from_history(dataset) -> ProgressRecord | None:
+    """The newest run key decides the run; its units are gathered back to its first commit
+    (``_newest_run_commits``). A finished run's record is complete: nothing to resume."""
+    key, complete = None, False
+    done: dict[str, str] = {}
+    ranges: dict[str, tuple[int, int]] = {}
+    for props in _newest_run_commits(dataset):
         if key is None:
             key, complete = props[S.TX_RUN_KEY], S.TX_COMPLETE in props
             if complete:
                 break  # a finished run: nothing to resume
-        elif props[S.TX_RUN_KEY] != key:
-            break
         _add_units(props.get(S.TX_UNITS), done, ranges)
-        if S.TX_RUN_START in props:
-            break
     if key is None:
         return None
     return ProgressRecord(run_key=key, done=done, ranges=ranges, complete=complete)
@@ -155,16 +167,12 @@ class UnitWalk:
 def walk_units(dataset) -> UnitWalk:
     """Fold the newest run key's commits, newest first: a newer commit's record of a unit
     wins, a tombstone (``embedjob.gone``) removes it, the run's first commit (``run_start``,
-    also a refresh's full checkpoint) ends the walk. One small read per version walked."""
+    also a refresh's full checkpoint) ends the walk (``_newest_run_commits``)."""
     key, based, deltas = None, False, 0
     done: dict[str, str] = {}
     ranges: dict[str, tuple[int, int]] = {}
     removed: set[str] = set()
-    for version in sorted((v["version"] for v in dataset.versions()), reverse=True):
-        transaction = dataset.read_transaction(version)
-        props = (transaction.transaction_properties or {}) if transaction else {}
-        if S.TX_RUN_KEY not in props or props[S.TX_RUN_KEY] != (key or props[S.TX_RUN_KEY]):
-            continue
+    for props in _newest_run_commits(dataset):
         key = props[S.TX_RUN_KEY]
         units: dict[str, str] = {}
         spans: dict[str, tuple[int, int]] = {}
@@ -174,9 +182,7 @@ def walk_units(dataset) -> UnitWalk:
         if S.TX_GONE in props:
             deltas += 1
             removed |= set(json.loads(props[S.TX_GONE])) - done.keys()
-        if S.TX_RUN_START in props:
-            based = True
-            break
+        based = S.TX_RUN_START in props
     return UnitWalk(key=key, done=done, ranges=ranges, based=based, deltas=deltas)
 
 
