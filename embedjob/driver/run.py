@@ -140,9 +140,7 @@ def _run(plan: RunPlan, started: float, keep_ids: bool, encoder: type,
     """The run proper, under the output's lease (``retries_at_start``: ``retries_made()``
     before the lease was taken)."""
     config = plan.config
-    _init_ray(config, reporter.forward_worker_logs)
-    stop.reinstall()
-    nodes.NodeWatch.start(config, stop)  # no node for an encode actor: stop after a wait
+    start_ray(config, reporter, stop)
     plan = calibrate.settle(plan, calibration)
     committer = _committer(plan, started)
     committer.fence = lease.check
@@ -211,6 +209,15 @@ def _find_duplicates(plan: RunPlan, keep_ids: bool) -> DuplicateIndex:
     logger.info("duplicate-id pre-pass: %d rows with an id, %d distinct, %d shards, %.1f s",
                 rows, distinct, shards, time.monotonic() - started)
     return index
+
+
+def start_ray(config: EmbedConfig, reporter: Reporter, stop: Stop) -> None:
+    """Join (or start) the Ray cluster for a run or a refresh, then put the graceful stop's
+    handlers back (``ray.init`` installs its own SIGTERM handler) and start the node watch
+    (no node for an encode actor for ``--node-wait-s``: stop)."""
+    _init_ray(config, reporter.forward_worker_logs)
+    stop.reinstall()
+    nodes.NodeWatch.start(config, stop)
 
 
 def _init_ray(config: EmbedConfig, log_to_driver: bool = True) -> None:

@@ -168,13 +168,11 @@ def dirty_units(sources: list[str], fingerprints: Mapping[str, str], done: Mappi
 def _refresh(config: EmbedConfig, storage: Storage, reporter, encoder: type | None,
              stop: Stop):
     """Under the output's lease: plan, diff, embed, one commit, upkeep."""
-    from embedjob.driver import calibrate, nodes, preflight, progress, run
+    from embedjob.driver import calibrate, preflight, progress, run
 
     started = time.monotonic()
     plan = preflight.plan_run(dataclasses.replace(config, mode="append"))
-    run._init_ray(config, reporter.forward_worker_logs)
-    stop.reinstall()  # ray.init installed its own SIGTERM handler
-    nodes.NodeWatch.start(config, stop)  # no node for an encode actor: stop after a wait
+    run.start_ray(config, reporter, stop)
     output = storage.open_lance(config.output)
     plan = calibrate.settle(plan, S.schema_metadata(output.schema).get(S.INT8_CALIBRATION))
     if ensure_indexes(output, storage):
