@@ -188,24 +188,24 @@ def _role(pid: int) -> str | None:
 
 
 def _rss_kinds(pid: int) -> dict[str, int]:
-    kinds = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
-                kinds[line.split(":")[0]] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return kinds
+    return _status_bytes(pid, ("RssAnon", "RssFile", "RssShmem"))
 
 
 def _vm_rss(pid: int) -> int:
+    return _status_bytes(pid, ("VmRSS",)).get("VmRSS", 0)
+
+
+def _status_bytes(pid: int, names: tuple[str, ...]) -> dict[str, int]:
+    """The named kB fields of /proc/<pid>/status, in bytes ({} once the process is gone)."""
+    found = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+            name = line.split(":")[0]
+            if name in names:
+                found[name] = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return found
 
 
 @dataclass
