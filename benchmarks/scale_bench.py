@@ -65,7 +65,7 @@ def one_run(name: str, corpus: Path, files: int, args, s3=None) -> dict:
     shard_bytes: list[int] = []
     encoder = NoopEncodeActor if args.encoder == "noop" else None
     with ProcessSampler() as sampler, HeapSnapshots(enabled=args.tracemalloc) as heap:
-        summary, index = run_module.run_keeping_ids(config, encoder=encoder)
+        summary, index = run_module.run_with_index(config, encoder=encoder)
         if index is not None:
             shard_bytes = index.nbytes()
     heap.show()

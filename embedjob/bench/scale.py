@@ -381,7 +381,7 @@ def shard_bytes_per_row(rows: int, *, string_ids: bool, duplicate_every: int = 1
 
     from embedjob.stages.dedupe import IdShard, id_keys
 
-    shard = IdShard([(0, "s")], keep_ids=False)
+    shard = IdShard([(0, "s")])
     before = _vm_rss(os.getpid())
     for start in range(0, rows, chunk):
         n = np.arange(start, min(rows, start + chunk), dtype=np.int64)

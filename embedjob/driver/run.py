@@ -100,15 +100,15 @@ def run(config: EmbedConfig, *, encoder: type | None = None, calibration: str | 
     Raises:
         EmbedError: a configuration or storage problem, before any model loads.
     """
-    return run_keeping_ids(config, encoder=encoder, calibration=calibration,
-                           reporter=reporter)[0]
+    return run_with_index(config, encoder=encoder, calibration=calibration,
+                          reporter=reporter)[0]
 
 
-def run_keeping_ids(config: EmbedConfig, *, keep_ids: bool = False, encoder: type | None = None,
-                    calibration: str | None = None, reporter: Reporter | None = None
-                    ) -> tuple[Summary | None, DuplicateIndex | None]:
-    """``run``, also returning the duplicate-id shards (with the distinct ids of the corpus
-    when ``keep_ids``: a refresh asks them which output ids are gone)."""
+def run_with_index(config: EmbedConfig, *, encoder: type | None = None,
+                   calibration: str | None = None, reporter: Reporter | None = None
+                   ) -> tuple[Summary | None, DuplicateIndex | None]:
+    """``run``, also returning the duplicate-id shards (the scale benchmark reads their
+    bytes; None with ``--assume-unique-ids``)."""
     started = time.monotonic()
     reporter = reporter or Reporter()
     plan = plan_run(config)
@@ -122,7 +122,7 @@ def run_keeping_ids(config: EmbedConfig, *, keep_ids: bool = False, encoder: typ
     try:
         with stop_on_signal() as stop, Lease(output=config.output, ttl_s=config.lease_ttl_s,
                                              storage=plan.storage) as lease:
-            summary, index = _run(plan, started, keep_ids, encoder or EncodeActor, calibration,
+            summary, index = _run(plan, started, encoder or EncodeActor, calibration,
                                   lease, reporter, stop, retries)
     except StopRequested as stop:  # outside the result loop: nothing new was committed
         raise RunStopped(f"stopped by {stop}: nothing new committed; {_RESUME}",
@@ -134,7 +134,7 @@ def run_keeping_ids(config: EmbedConfig, *, keep_ids: bool = False, encoder: typ
     return summary, index
 
 
-def _run(plan: RunPlan, started: float, keep_ids: bool, encoder: type,
+def _run(plan: RunPlan, started: float, encoder: type,
          calibration: str | None, lease: Lease, reporter: Reporter, stop: Stop,
          retries_at_start: int) -> tuple[Summary, DuplicateIndex | None]:
     """The run proper, under the output's lease (``retries_at_start``: ``retries_made()``
@@ -146,7 +146,7 @@ def _run(plan: RunPlan, started: float, keep_ids: bool, encoder: type,
     committer.fence = lease.check
     if plan.resumed:
         _prepare_resume(plan, committer)
-    index = None if config.assume_unique_ids else _find_duplicates(plan, keep_ids)
+    index = None if config.assume_unique_ids else _find_duplicates(plan)
     plan = replace(plan, tokenize=replace(plan.tokenize, duplicates=index))
     crashes = CrashWatch.create(config.encoder_crash_retries)
     plan = replace(plan, encode=replace(plan.encode, crashes=crashes))
@@ -197,12 +197,12 @@ def _stop(committer: Committer, stop: StopRequested) -> None:
         stop.exit_code) from None
 
 
-def _find_duplicates(plan: RunPlan, keep_ids: bool) -> DuplicateIndex:
+def _find_duplicates(plan: RunPlan) -> DuplicateIndex:
     """The pre-pass: scan every unit's ids into the shards and decide each id's winner."""
     started = time.monotonic()
     shards = plan.config.id_shards or max(1, int(ray.cluster_resources().get("CPU", 1)) // 8)
     files = source_files(plan.sources)
-    index = DuplicateIndex.create(files, shards, keep_ids=keep_ids)
+    index = DuplicateIndex.create(files, shards)
     for _ in pipeline.scan(plan, index).iter_batches(batch_size=None):
         pass  # the rows scanned per unit are not needed: the shards hold the ids
     rows, distinct = index.resolve(files)

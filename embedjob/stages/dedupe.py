@@ -85,18 +85,15 @@ class IdShard:
     """One slice of the run's ids by id key (a Ray actor; ``DuplicateIndex.create``).
 
     During the scan: three numpy arrays, 20 bytes per row. After ``resolve``: the sorted
-    order keys of the losers of the sources it serves (8 bytes per loser), plus, when
-    ``keep_ids``, the sorted distinct id keys (12 bytes per distinct id) for ``contains``.
+    order keys of the losers of the sources it serves (8 bytes per loser).
     """
 
-    def __init__(self, sources: Sequence[str], keep_ids: bool) -> None:
+    def __init__(self, sources: Sequence[str]) -> None:
         # only the sources this shard serves: source name -> index in the listing
         self._index = {name: i for i, name in sources}
-        self._keep_ids = keep_ids
         # per column, so that resolve concatenates and frees them one column at a time
         self._chunks: tuple[list[np.ndarray], ...] = ([], [], [])
         self._losers = np.zeros(0, np.uint64)
-        self._ids = (np.zeros(0, np.uint64), np.zeros(0, np.uint32))
 
     def add(self, hi: np.ndarray, lo: np.ndarray, order: np.ndarray) -> None:
         for column, values in zip(self._chunks, (hi, lo, order), strict=True):
@@ -118,8 +115,6 @@ class IdShard:
         again = np.concatenate([[False], same_id & (order[1:] == order[:-1])])[:len(order)]
         # ``again``: the same row sent twice (a retried scan task), not a duplicate
         losers = order[~first & ~again]
-        if self._keep_ids:
-            self._ids = (hi[first], lo[first])
         by_shard = serving[(losers >> np.uint64(ROW_BITS)).astype(np.int64)]
         parts = [np.sort(losers[by_shard == s]) for s in range(shards)]
         return (*parts, int(len(order) - again.sum()), int(first.sum()))
@@ -148,22 +143,10 @@ class IdShard:
                         & (self._losers < base + np.uint64(hi)))
         return int(wanted.sum())
 
-    def contains(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-        """For each id key: whether some corpus row has it (needs ``keep_ids``)."""
-        held_hi, held_lo = self._ids
-        start = np.searchsorted(held_hi, hi, side="left")
-        end = np.searchsorted(held_hi, hi, side="right")
-        single = end - start == 1
-        found = np.zeros(len(hi), bool)
-        found[single] = held_lo[start[single]] == lo[single]
-        for k in np.flatnonzero(end - start > 1):  # equal hi, told apart by lo (rare)
-            found[k] = bool((held_lo[start[k]:end[k]] == lo[k]).any())
-        return found
-
     def nbytes(self) -> int:
         """Bytes of numpy state held now (the benchmark's bytes per id)."""
         chunks = sum(a.nbytes for column in self._chunks for a in column)
-        return chunks + self._losers.nbytes + self._ids[0].nbytes + self._ids[1].nbytes
+        return chunks + self._losers.nbytes
 
 
 def _pop_concat(parts: list[np.ndarray], dtype) -> np.ndarray:
@@ -188,7 +171,7 @@ class DuplicateIndex:
     shards: tuple
 
     @classmethod
-    def create(cls, sources: Sequence[str], shards: int, keep_ids: bool = False):
+    def create(cls, sources: Sequence[str], shards: int):
         """``shards`` actors, each told the sources it serves (``source_shard``)."""
         import ray
 
@@ -199,7 +182,7 @@ class DuplicateIndex:
         for i, name in enumerate(sources):
             serves[source_shard(name, shards)].append((i, name))
         actor = ray.remote(num_cpus=0)(IdShard)
-        return cls(shards=tuple(actor.remote(s, keep_ids) for s in serves))
+        return cls(shards=tuple(actor.remote(s) for s in serves))
 
     def resolve(self, sources: Sequence[str]) -> tuple[int, int]:
         """After the scan: decide every id's winner. Returns (rows scanned, distinct ids).
@@ -239,19 +222,6 @@ class DuplicateIndex:
 
         wanted = np.asarray(source_indexes, np.int64)
         return sum(ray.get([s.count_losers.remote(wanted, list(skipped)) for s in self.shards]))
-
-    def contains(self, ids: pa.Array) -> np.ndarray:
-        """For each id: whether some corpus row of the scan had it (``keep_ids`` shards)."""
-        import ray
-
-        hi, lo = id_keys(ids)
-        found = np.zeros(len(hi), bool)
-        which = _id_shard(hi, len(self.shards))
-        calls = [(np.flatnonzero(which == s), shard) for s, shard in enumerate(self.shards)]
-        refs = [(w, shard.contains.remote(hi[w], lo[w])) for w, shard in calls if len(w)]
-        for where, ref in refs:
-            found[where] = ray.get(ref)
-        return found
 
     def nbytes(self) -> list[int]:
         import ray

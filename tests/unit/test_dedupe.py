@@ -39,7 +39,7 @@ def test_first_row_in_source_order_wins_whatever_the_arrival_order(ids):
     expected = sorted([_order(1, 3), _order(1, 0), _order(2, 5)])
     rng = np.random.default_rng(0)
     for _ in range(5):
-        shard = IdShard([(0, "a"), (1, "b"), (2, "c")], keep_ids=True)
+        shard = IdShard([(0, "a"), (1, "b"), (2, "c")])
         perm = rng.permutation(len(ids))
         for part in np.array_split(perm, 3):  # in chunks, as scan tasks send them
             hi, lo, order = _rows([ids[i] for i in part], [orders[i] for i in part])
@@ -56,12 +56,10 @@ def test_first_row_in_source_order_wins_whatever_the_arrival_order(ids):
         assert shard.count_losers(np.array([1]), []) == 2
         assert shard.count_losers(np.array([1]), [(1, 0, 1)]) == 1
         assert shard.count_losers(np.array([0, 2]), []) == 1
-        present = shard.contains(*id_keys(pa.array([ids[0], ids[3], ids[1]])))
-        assert present.tolist() == [True, True, True]
 
 
 def test_a_row_sent_twice_by_a_retried_task_is_not_its_own_duplicate():
-    shard = IdShard([(0, "a")], keep_ids=False)
+    shard = IdShard([(0, "a")])
     for _ in range(2):
         shard.add(*_rows([1, 2, 1], [_order(0, 0), _order(0, 1), _order(0, 2)]))
     losers, rows, distinct = shard.resolve(np.zeros(1, np.int64), 1)
@@ -71,32 +69,21 @@ def test_a_row_sent_twice_by_a_retried_task_is_not_its_own_duplicate():
 def test_losers_go_to_the_shard_serving_their_source():
     sources = [f"s3://b/part-{i}.parquet" for i in range(6)]
     serving = np.array([dedupe.source_shard(s, 3) for s in sources], np.int64)
-    shard = IdShard([], keep_ids=False)
+    shard = IdShard([])
     shard.add(*_rows([9] * 6, [_order(i, 0) for i in range(6)]))
     *parts, rows, distinct = shard.resolve(serving, 3)
     got = {int(k) >> ROW_BITS: s for s, part in enumerate(parts) for k in part}
     assert got == {i: int(serving[i]) for i in range(1, 6)} and (rows, distinct) == (6, 1)
 
 
-def test_contains_tells_apart_keys_that_share_their_high_half():
-    shard = IdShard([], keep_ids=True)
-    hi = np.array([4, 4, 9], np.uint64)
-    shard.add(hi, np.array([1, 2, 0], np.uint32), np.array([0, 1, 2], np.uint64))
-    shard.resolve(np.zeros(1, np.int64), 1)
-    found = shard.contains(np.array([4, 4, 4, 9, 5], np.uint64),
-                           np.array([2, 1, 3, 0, 0], np.uint32))
-    assert found.tolist() == [True, True, False, True, False]
-
-
 def test_state_is_20_bytes_per_row_while_scanning():
-    shard = IdShard([], keep_ids=False)
+    shard = IdShard([])
     n = 10_000
     shard.add(*_rows(list(range(n)), list(range(n))))
     assert shard.nbytes() == 20 * n
 
 
 def test_an_empty_shard_resolves_to_nothing():
-    shard = IdShard([], keep_ids=True)
+    shard = IdShard([])
     *parts, rows, distinct = shard.resolve(np.zeros(0, np.int64), 2)
     assert [p.tolist() for p in parts] == [[], []] and (rows, distinct) == (0, 0)
-    assert shard.contains(*id_keys(pa.array([1]))).tolist() == [False]
