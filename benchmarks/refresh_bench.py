@@ -1,7 +1,7 @@
 """Refresh cost benchmark (not a test): a full embed, then four nightly refreshes in turn.
 
     .venv/bin/python benchmarks/refresh_bench.py [--rows 100000] [--files 100]
-        [--model-config small | --noop]
+        [--model-config small | --noop] [--texts real|short]
 
 Scenarios (each on the corpus the previous one left):
 
@@ -16,7 +16,9 @@ all), the bytes read from the output (Lance's own ``bytes_read`` of the diff's t
 scans, replayed with ``analyze_plan`` at the version the refresh started from), and the
 versions created (all, and data versions: those carrying a run record), then one JSON line.
 ``--noop`` uses the scale benchmark's no-op encoder and the tiny shape (the pipeline's own
-costs), the default the random-weight 6 x 384 ``small`` shape.
+costs), the default the random-weight 6 x 384 ``small`` shape. ``--texts short`` gives that
+model the scale benchmark's short rows (about 10 tokens each; the no-op encoder always gets
+them) instead of real corpus text (about 90 tokens a row on average).
 """
 
 from __future__ import annotations
@@ -74,10 +76,10 @@ def delete_half(files: list[Path]) -> int:
     return deleted
 
 
-def add_files(corpus: Path, rows: int, files: int, first_id: int, noop: bool) -> int:
+def add_files(corpus: Path, rows: int, files: int, first_id: int, short: bool) -> int:
     """``files`` new files holding ``rows`` new rows (ids from ``first_id``)."""
     staging = corpus.parent / "new-files"
-    if noop:
+    if short:
         paths = write_short_corpus(staging, rows=rows, files=files, first_id=first_id)
     else:
         made = make_corpus(staging, rows=rows, long_fraction=0.0, seed=7, files=files)
@@ -138,6 +140,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=100)
     parser.add_argument("--model-config", default="small")
     parser.add_argument("--noop", action="store_true", help="no-op encoder, tiny shape")
+    parser.add_argument("--texts", choices=["real", "short"], default="real",
+                        help="real corpus text or the scale benchmark's short rows")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="refresh-bench-"))
@@ -146,7 +150,8 @@ def main() -> None:
     encoder = NoopEncodeActor if args.noop else None
     model = str(model_dir("tiny" if args.noop else args.model_config))
     corpus = workdir / "corpus"
-    if args.noop:
+    short = args.noop or args.texts == "short"
+    if short:
         write_short_corpus(corpus, rows=args.rows, files=args.files)
     else:
         make_corpus(corpus, rows=args.rows, long_fraction=0.0, seed=0, files=args.files)
@@ -163,7 +168,7 @@ def main() -> None:
     delete_half(files[step:step + 2 * step])
     results.append(scenario("deleted", config, encoder))
     first = args.rows * 10
-    added = add_files(corpus, args.rows // 100, step, first, args.noop)
+    added = add_files(corpus, args.rows // 100, step, first, short)
     results.append(scenario("new", config, encoder, new_ids=range(first, first + added)))
     table_bytes = sum(f.stat().st_size for f in (workdir / "o.lance").rglob("*") if f.is_file())
     print(f"full embed of {args.rows:,} rows in {args.files} files: {full_s:.1f} s "
@@ -176,6 +181,7 @@ def main() -> None:
               f"{r['output_bytes_read'] / 2**20:,.2f} MiB from the output, {r['versions']} "
               f"versions ({r['data_versions']} data)")
     print(json.dumps({"rows": args.rows, "files": args.files, "noop": args.noop,
+                      "texts": "short" if short else "real",
                       "full_embed_s": round(full_s, 2), "output_bytes": table_bytes,
                       "scenarios": results}))
 
