@@ -365,6 +365,8 @@ def commands() -> dict[str, Command]:
             "embedjob eval --dataset lee --model tests/data/jina-v3-tiny --output-dir out/tiny",
             "embedjob eval --dataset lee,udhr --model jinaai/jina-embeddings-v3 --dims 1024,64 "
             "--output-dir out/jina",
+            "embedjob eval --dataset longdoc --chunk-tokens 64 --model tests/data/jina-v3-tiny "
+            "--output-dir out/longdoc",
         )),
     }
 

@@ -42,6 +42,7 @@ def _one_error_line(out: str) -> str:
 
 
 RUN = ["--input", "in.parquet", "--output", "out.lance"]
+EVAL = ["--dataset", "longdoc", "--model", "m", "--output-dir", "o"]
 FLAG_ERRORS = [
     (["embed"], "--input, --output required"),
     (["plan"], "--input required"),
@@ -64,6 +65,15 @@ FLAG_ERRORS = [
      "unknown config keys ['max_tokens'] (did you mean 'max_tokens_per_batch'?)"),
     (["embed", "--config", "not_yaml.yaml"], "is not valid YAML at line"),
     (["search", "t.lance", "a query", "-k", "0"], "-k 0 is not allowed; expected an integer >= 1"),
+    (["eval", *EVAL, "--chunk-tokens", "0"],
+     "--chunk-tokens 0 is not allowed; expected an integer >= 1"),
+    (["eval", *EVAL, "--chunk-overlap", "64"],
+     "--chunk-overlap 64 is not allowed; expected an integer >= 0 and < --chunk-tokens 64"),
+    (["eval", *EVAL, "--chunk-boundaries", "words"],
+     "invalid choice: 'words' (choose from 'tokens', 'sentences')"),
+    (["eval", "--dataset", "longdocs", "--model", "m", "--output-dir", "o"],
+     "datasets ['longdocs'] must be non-empty names from ['bible-es-en', 'udhr', 'lee', "
+     "'longdoc']"),
 ]
 
 

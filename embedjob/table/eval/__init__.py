@@ -20,6 +20,10 @@ Datasets (slices committed under ``embedjob/data/eval/``, from ``/work/shared/co
   relevant; top-1 per language (chance 1/30 = 0.033), nDCG@10 / recall@100 over all queries.
 * ``lee``: Lee et al. 2005, 50 documents, Pearson correlation of the cosine of each of the
   1,225 upper-triangle pairs with the human similarity score.
+* ``longdoc``: long documents (``longdoc.py``): the Bible slice as 40 documents of 25 verses,
+  embedded three times (``--chunking none``, ``split``, ``late``, with ``--chunk-tokens``,
+  ``--chunk-overlap``, ``--chunk-boundaries``) and scored per mode on the full ``vector``
+  (doc@1, doc@5, chunk@1); its plot is ``longdoc.png``.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedjob import schema as S
-from embedjob.config import as_tuple, knob
+from embedjob.config import CHUNK_BOUNDARIES, as_tuple, knob
 from embedjob.errors import ConfigError
+from embedjob.table.eval import longdoc
 from embedjob.table.eval.datasets import DATASETS, EvalSet, load_dataset
 from embedjob.table.eval.metrics import (
     NDCG_K,
@@ -50,6 +55,7 @@ from embedjob.table.eval.plot import headline, plot, primary_metric
 from embedjob.table.search import embed_queries, open_table, quantize_query, read_stamp
 
 logger = logging.getLogger(__name__)
+NAMES: tuple[str, ...] = (*DATASETS, longdoc.NAME)  # what --dataset takes
 
 __all__ = ["DATASETS", "EvalConfig", "EvalSet", "evaluate", "format_report", "load_dataset",
            "primary_metric"]
@@ -59,7 +65,7 @@ __all__ = ["DATASETS", "EvalConfig", "EvalSet", "evaluate", "format_report", "lo
 class EvalConfig:
     """One ``embedjob eval`` run (each field's help says what it sets)."""
 
-    datasets: tuple[str, ...] = knob(flag="--dataset", metavar="{" + ",".join(DATASETS) + "}",
+    datasets: tuple[str, ...] = knob(flag="--dataset", metavar="{" + ",".join(NAMES) + "}",
                                      help="dataset to evaluate; repeatable or comma-separated")
     model: str = knob(help="local dir, s3:// prefix or hub id")
     output_dir: str = knob(help="where eval.json and eval.png go")
@@ -73,14 +79,35 @@ class EvalConfig:
         help="quantized columns to store and score beside the floats (embed's --quantize); "
              "each is also scored as the first stage of a two-stage search")
     rescore_factor: int = knob(4, help="two-stage search: candidates per returned row")
+    # 64: about four chunks per context of all-MiniLM-L6-v2 (256), the README's figures
+    chunk_tokens: int = knob(64, help="longdoc: most text tokens per chunk (split, late)")
+    chunk_overlap: int = knob(0, help="longdoc: text tokens a chunk shares with the one "
+                                      "before it (< --chunk-tokens)")
+    chunk_boundaries: Literal["tokens", "sentences"] = knob(
+        "tokens", help="longdoc: chunks of --chunk-tokens tokens, or whole sentences packed "
+                       "up to it")
 
     def __post_init__(self) -> None:
         for name in ("datasets", "dims", "quantize"):
             object.__setattr__(self, name, as_tuple(name, getattr(self, name)))
-        unknown = [d for d in self.datasets if d not in DATASETS]
+        unknown = [d for d in self.datasets if d not in NAMES]
         if unknown or not self.datasets:
             raise ConfigError(f"datasets {list(self.datasets)} must be non-empty names from "
-                              f"{list(DATASETS)}")
+                              f"{list(NAMES)}")
+        self._check_chunking()
+
+    def _check_chunking(self) -> None:
+        """The longdoc knobs, with embed's rules (the model's context: at the embed run)."""
+        tokens, overlap = self.chunk_tokens, self.chunk_overlap
+        if not _is_int(tokens) or tokens < 1:
+            raise ConfigError(f"--chunk-tokens {tokens!r} is not allowed; expected an "
+                              "integer >= 1")
+        if not _is_int(overlap) or not 0 <= overlap < tokens:
+            raise ConfigError(f"--chunk-overlap {overlap!r} is not allowed; expected an "
+                              f"integer >= 0 and < --chunk-tokens {tokens}")
+        if self.chunk_boundaries not in CHUNK_BOUNDARIES:
+            raise ConfigError(f"--chunk-boundaries {self.chunk_boundaries!r} is not allowed; "
+                              f"expected {list(CHUNK_BOUNDARIES)}")
 
 
 def evaluate(config: EvalConfig, embedder: Any = None) -> dict[str, Any]:
@@ -96,17 +123,36 @@ def evaluate(config: EvalConfig, embedder: Any = None) -> dict[str, Any]:
     work = config.work_dir or tempfile.mkdtemp(prefix="embedjob-eval-")
     report: dict[str, Any] = {"model": config.model, "weights_hash": spec.fingerprint,
                               "vector_dtype": config.vector_dtype, "datasets": {}}
+    os.makedirs(config.output_dir, exist_ok=True)
     for name in config.datasets:
+        if name == longdoc.NAME:
+            report["datasets"][name] = _long_documents(config, embedder, work)
+            continue
         data = load_dataset(name)
         uri = embed_corpus(data, config, spec, os.path.join(work, name))
         report["datasets"][name] = score_table(data, uri, embedder, config.rescore_factor)
         logger.info("eval %s: %s", name, headline(report["datasets"][name]))
-    os.makedirs(config.output_dir, exist_ok=True)
     with open(os.path.join(config.output_dir, "eval.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
         handle.write("\n")
-    plot(report, os.path.join(config.output_dir, "eval.png"))
+    columns = {n: r for n, r in report["datasets"].items() if "columns" in r}
+    if columns:  # the quality-per-byte plot: datasets scored per column
+        plot(report | {"datasets": columns}, os.path.join(config.output_dir, "eval.png"))
     return report
+
+
+def _long_documents(config: EvalConfig, embedder: Any, work: str) -> dict[str, Any]:
+    """The ``longdoc`` set: three embed runs (none, split, late), scored per mode; its bar
+    plot goes to ``<output_dir>/longdoc.png``."""
+    result = longdoc.evaluate_long(
+        config.model, os.path.join(work, longdoc.NAME), chunk_tokens=config.chunk_tokens,
+        chunk_overlap=config.chunk_overlap, chunk_boundaries=config.chunk_boundaries,
+        embedder=embedder, num_actors=config.num_actors, vector_dtype=config.vector_dtype)
+    longdoc.plot_long(result, os.path.join(config.output_dir, longdoc.PLOT))
+    result["plot"] = longdoc.PLOT
+    logger.info("eval %s: %s", longdoc.NAME, ", ".join(
+        f"{mode} doc@1 {m['doc@1']:.3f}" for mode, m in result["modes"].items()))
+    return result
 
 
 def embed_corpus(data: EvalSet, config: EvalConfig, spec: Any, work: str) -> str:
@@ -260,18 +306,37 @@ def _matrix(column: pa.ChunkedArray) -> np.ndarray:
 
 def format_report(report: Mapping[str, Any]) -> str:
     """A markdown table: dataset, column, dim, dtype, bytes/row and the metrics
-    (``a->b`` columns: two-stage search, candidates on a, rescored on b)."""
+    (``a->b`` columns: two-stage search, candidates on a, rescored on b); the ``longdoc``
+    set's own table (one line per chunking mode) after it."""
     lines = ["| dataset | column | dim | dtype | bytes/row | nDCG@10 | recall@100 | top-1 | "
              "Pearson | recall@10 vs float |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, result in report["datasets"].items():
-        for column, m in result["columns"].items():
+        for column, m in result.get("columns", {}).items():
             cells = [_fmt(m.get(key)) for key in (f"ndcg@{NDCG_K}", f"recall@{RECALL_K}",
                                                    "top1", "pearson",
                                                    f"recall@{NDCG_K}_vs_float")]
             lines.append(f"| {name} | {column} | {m['dim']} | {m.get('dtype', '')} | "
                          f"{m['bytes_per_row']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    tables = [lines] if len(lines) > 2 else []  # longdoc alone: no column table
+    if longdoc.NAME in report["datasets"]:
+        tables.append(_long_report(report["datasets"][longdoc.NAME]))
+    return "\n\n".join("\n".join(t) for t in tables)
+
+
+def _long_report(result: Mapping[str, Any]) -> list[str]:
+    """The longdoc set's markdown table: one line per chunking mode."""
+    lines = [f"| longdoc ({result['chunk_tokens']}-token chunks) | doc@1 | doc@5 | chunk@1 | "
+             "rows | tokens | processed tokens |", "|---|---|---|---|---|---|---|"]
+    for mode, m in result["modes"].items():
+        lines.append(f"| {mode} | {m['doc@1']:.3f} | {m['doc@5']:.3f} | "
+                     f"{_fmt(m.get('chunk@1')) or '-'} | {m['rows']} | {m['tokens']} | "
+                     f"{m['processed_tokens']} |")
+    return lines
 
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

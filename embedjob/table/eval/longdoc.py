@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,11 @@ from embedjob import schema as S
 from embedjob.table.eval.datasets import _read
 
 MODES: tuple[str, ...] = ("none", "split", "late")
+NAME = "longdoc"  # its name as an ``embedjob eval --dataset``
+PLOT = "longdoc.png"  # its plot, in ``--output-dir``
+PROTOCOL = ("KJV verses 1000..1999 as 40 documents of 25 verses; each Reina-Valera verse "
+            "queries them (doc@1, doc@5: a chunk table ranks a document by its best chunk; "
+            "chunk@1: the best chunk holds the aligned verse) for --chunking none, split, late")
 
 
 @dataclass(frozen=True)
@@ -61,9 +67,11 @@ def bible_documents(verses_per_doc: int = 25) -> LongDocSet:
 
 
 def embed_modes(data: LongDocSet, model: str, work: str, *, task: str | None,
-                chunk_tokens: int, chunk_overlap: int = 0,
-                modes: tuple[str, ...] = MODES) -> dict[str, tuple[str, Any]]:
-    """One embed run per mode into ``work/<mode>.lance``; mode -> (uri, summary)."""
+                chunk_tokens: int, chunk_overlap: int = 0, chunk_boundaries: str = "tokens",
+                modes: tuple[str, ...] = MODES, **embed: Any) -> dict[str, tuple[str, Any]]:
+    """One embed run per mode into ``work/<mode>.lance``; mode -> (uri, summary).
+
+    ``embed``: further ``EmbedConfig`` fields (``num_actors``, ``vector_dtype``)."""
     from embedjob.config import EmbedConfig
     from embedjob.driver.run import run
 
@@ -75,7 +83,8 @@ def embed_modes(data: LongDocSet, model: str, work: str, *, task: str | None,
         uri = os.path.join(work, f"{mode}.lance")
         summary = run(EmbedConfig(input=corpus, output=uri, model=model, task=task,
                                   mode="overwrite", chunking=mode, chunk_tokens=chunk_tokens,
-                                  chunk_overlap=chunk_overlap))
+                                  chunk_overlap=chunk_overlap,
+                                  chunk_boundaries=chunk_boundaries, **embed))
         out[mode] = (uri, summary)
     return out
 
@@ -117,8 +126,12 @@ def _chunk_hits(data: LongDocSet, table: pa.Table, scores: np.ndarray) -> float:
 
 
 def evaluate_long(model: str, work: str, *, chunk_tokens: int, chunk_overlap: int = 0,
-                  verses_per_doc: int = 25, embedder: Any = None) -> dict[str, Any]:
-    """Embed the long-document set in every mode and score it (figures per mode)."""
+                  chunk_boundaries: str = "tokens", verses_per_doc: int = 25,
+                  embedder: Any = None, **embed: Any) -> dict[str, Any]:
+    """Embed the long-document set in every mode and score it (figures per mode).
+
+    ``embed``: further ``EmbedConfig`` fields of the three runs (``num_actors``,
+    ``vector_dtype``)."""
     from embedjob.model import load_embedder
     from embedjob.table.search import embed_queries, read_stamp
 
@@ -126,10 +139,11 @@ def evaluate_long(model: str, work: str, *, chunk_tokens: int, chunk_overlap: in
     embedder = embedder or load_embedder(model, device="cpu")
     task = "retrieval.passage" if "retrieval.passage" in embedder.spec.tasks else None
     runs = embed_modes(data, model, work, task=task, chunk_tokens=chunk_tokens,
-                       chunk_overlap=chunk_overlap)
-    report: dict[str, Any] = {"model": model, "documents": data.docs.num_rows,
-                              "queries": len(data.queries), "chunk_tokens": chunk_tokens,
-                              "chunk_overlap": chunk_overlap, "modes": {}}
+                       chunk_overlap=chunk_overlap, chunk_boundaries=chunk_boundaries, **embed)
+    report: dict[str, Any] = {"model": model, "protocol": PROTOCOL,
+                              "documents": data.docs.num_rows, "queries": len(data.queries),
+                              "chunk_tokens": chunk_tokens, "chunk_overlap": chunk_overlap,
+                              "chunk_boundaries": chunk_boundaries, "modes": {}}
     import lance
 
     # every mode's stamp pairs the same query task: the queries are embedded once
@@ -137,7 +151,8 @@ def evaluate_long(model: str, work: str, *, chunk_tokens: int, chunk_overlap: in
     q = embed_queries(embedder, stamp, data.queries, embedder.hidden_size)
     for mode, (uri, summary) in runs.items():
         report["modes"][mode] = score(data, uri, q) | {
-            "tokens": summary.tokens, "processed_tokens": summary.processed_tokens,
+            "table": uri, "tokens": summary.tokens,
+            "processed_tokens": summary.processed_tokens,
             "truncated_docs": summary.rows_truncated}
     return report
 
@@ -156,7 +171,7 @@ def plot_long(report: dict[str, Any], path: str) -> None:
         ax.bar(np.arange(len(metrics)) + i * 0.27, values, width=0.27, label=mode)
     ax.set_xticks(np.arange(len(metrics)) + 0.27, metrics)
     ax.set_ylim(0, 1)
-    name = report.get("model_name") or os.path.basename(report["model"].rstrip("/"))
+    name = report.get("model_name") or "/".join(Path(report["model"]).parts[-2:])
     ax.set_title(f"long documents: {name}, "
                  f"{report['chunk_tokens']}-token chunks")
     ax.legend()
