@@ -133,7 +133,7 @@ class EncodeActor:
         release_free_heap()
         return table
 
-    # The two calls into the model; tests wrap them to inject faults (tests/faults/hooks.py).
+    # The calls into the model; tests wrap them to inject faults (tests/faults/hooks.py).
 
     def encode_batches(self, batches: list[list[np.ndarray]]) -> list[np.ndarray]:
         """Every forward of a block, one wait for the device: float32 [n_i, hidden] each."""
@@ -143,6 +143,11 @@ class EncodeActor:
     def encode_ids(self, ids: list[np.ndarray]) -> np.ndarray:
         """One forward: float32 [len(ids), hidden]."""
         return self.embedder.encode_ids(ids, task=self.spec.task, packed=self.spec.packed)
+
+    def encode_spans(self, ids: list[np.ndarray],
+                     spans: list[list[tuple[int, int]]]) -> list[np.ndarray]:
+        """One padded forward, each span's mean (late chunking): float32 [spans_i, hidden]."""
+        return self.embedder.encode_spans(ids, spans, task=self.spec.task)
 
     def _encode_watched(
         self,
@@ -193,7 +198,7 @@ class EncodeActor:
         try:
             outs = self.encode_batches(batches)
         except self.out_of_memory as exc:
-            _free_accelerator_memory(self.embedder.device)
+            free_accelerator_memory(self.embedder.device)
             logger.warning("out of memory in a block of %d forwards (%s); one by one", len(runs),
                            exc)
             for run in runs:
@@ -217,7 +222,7 @@ class EncodeActor:
         try:
             vectors[start:stop] = self._checked(self.encode_ids(ids), ids)
         except self.out_of_memory as exc:
-            _free_accelerator_memory(self.embedder.device)
+            free_accelerator_memory(self.embedder.device)
             if len(ids) == 1:
                 reasons[start] = f"out of memory: 1 text of {len(ids[0])} tokens does not fit"
                 logger.warning("%s (%s)", reasons[start], exc)
@@ -266,7 +271,7 @@ def forward_cost(ids: list[np.ndarray], packed: bool) -> int:
     return sum(map(len, ids)) if packed else len(ids) * max(map(len, ids))
 
 
-def _free_accelerator_memory(device) -> None:
+def free_accelerator_memory(device) -> None:
     """Return the failed forward's cached blocks to the GPU before the halves run."""
     if getattr(device, "type", "cpu") == "cuda":
         import torch

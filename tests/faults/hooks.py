@@ -90,6 +90,10 @@ class FaultyEncodeActor(EncodeActor):
         self._simulate_faults(ids)
         return super().encode_ids(ids)
 
+    def encode_spans(self, ids: list[np.ndarray], spans: list) -> list[np.ndarray]:
+        self._simulate_faults(ids)  # late chunking's forward: window rows
+        return super().encode_spans(ids, spans)
+
     def _simulate_faults(self, ids: list[np.ndarray]) -> None:
         if any(np.asarray(x, np.int32).tobytes() in self.crashing for x in ids):
             os._exit(13)  # the process dies mid-forward, as on a segfault

@@ -79,3 +79,44 @@ def test_a_row_that_kills_the_encoder_every_time_is_rejected_and_the_rest_embedd
     # `retries` deaths of the whole block, then as many with the row alone; none after that
     assert summary.encoder_deaths == 2 * retries
     assert EmbedConfig(input="x", output="y.lance").encoder_crash_retries == 2  # the default
+
+
+@pytest.mark.slow  # two runs, two actor restarts: 52 s here at load ~5 (default suite:
+# tests/faults/test_late_faults.py, the same at the encode stage)
+def test_late_chunking_a_document_that_kills_the_encoder_is_rejected_whole(
+    tmp_path, ray_session, golden_dir
+):
+    """``--chunking late``: the poison document's windows kill the actor; the block goes
+    document by document, the document is rejected with the plain path's reason and none of
+    its chunks is written; every other document's chunks equal a run without the fault."""
+    rows = real_rows(8, offset=700)
+    rows[3] = {**rows[3], "text": " ".join(r["text"] for r in real_rows(6, offset=300))}
+    poison = rows[3]["id"]  # several macro-windows
+    pq.write_table(to_table(rows), tmp_path / "in.parquet")
+
+    def late(out: str, **extra):
+        return EmbedConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / out),
+                           model=str(golden_dir), chunking="late", chunk_tokens=16,
+                           chunk_window_tokens=128, encoder_crash_retries=1, **extra)
+
+    run(late("normal.lance"))
+    config = late("out.lance")
+    with faults.injected(faults.CRASH_ON_IDS, str(poison)):
+        summary = run(config, encoder=FaultyEncodeActor)
+    normal = lance.dataset(str(tmp_path / "normal.lance")).to_table()
+    table = lance.dataset(config.output).to_table()
+    assert normal.column("doc_id").to_pylist().count(poison) > 8  # it had chunks to lose
+
+    def chunks(t):
+        return {(d, c): np.asarray(v, np.float32) for d, c, v in zip(
+            t.column("doc_id").to_pylist(), t.column("chunk").to_pylist(),
+            t.column("vector").to_pylist(), strict=True)}
+
+    got, want = chunks(table), chunks(normal)
+    assert sorted(got) == sorted(k for k in want if k[0] != poison)  # each chunk once
+    assert max(np.abs(got[k] - want[k]).max() for k in got) < 1e-5
+    rejected = lance.dataset(config.rejected_uri).to_table().to_pylist()
+    assert [(r["id"], r["reason"]) for r in rejected] == [(str(poison), (
+        "crashes the encoder: the encode actor died 1 times with this row in flight alone"))]
+    assert (summary.rows_embedded, summary.rows_rejected) == (7, 1)
+    assert summary.encoder_deaths == 2
