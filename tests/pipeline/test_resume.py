@@ -145,6 +145,60 @@ def test_sigkill_driver_after_a_commit_then_rerun_resumes_exactly_once(
     _check_exactly_once(s3_server, s3_prefix, rows, embedder)
 
 
+LATE = ["--chunking", "late", "--chunk-tokens", "16", "--chunk-window-tokens", "64"]
+
+
+@pytest.mark.slow
+def test_sigkill_a_late_chunking_run_after_a_commit_then_rerun_writes_every_chunk_once(
+    s3_server, s3_prefix, ray_session, golden_dir, tmp_path
+):
+    """A chunk table: every document's chunks exactly once after the rerun, as an
+    uninterrupted run writes them (ids, chunk spans, vectors within 1e-5)."""
+    rows = _write_corpus(s3_server, s3_prefix)
+    out = s3_server.uri(s3_prefix, "out.lance")
+    options = s3_server.storage_options
+    env = os.environ | s3_server.env | {
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    summary = tmp_path / "summary.json"
+    command = _command(s3_server, s3_prefix, golden_dir, summary) + LATE
+    with faults.injected(faults.ENCODE_DELAY_S, "0.3"):
+        first, _ = _start_until_a_unit_is_committed(
+            command, env, out, options, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(random.Random().uniform(0, 0.6))  # a random point after that commit
+        assert first.poll() is None, "the first run ended before it could be killed"
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    killed_at = _progress(out, options)
+    assert not killed_at["complete"] and killed_at["done"]
+    lease = json.loads(s3_server.filesystem().cat(f"{s3_server.bucket}/{s3_prefix}/out.lease.json"))
+    time.sleep(max(0.0, lease["expires_at"] - time.time()) + 0.5)
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads(summary.read_text())["resumed_units_done"] == len(killed_at["done"])
+    whole = str(tmp_path / "whole.lance")  # the same job, uninterrupted
+    run(EmbedConfig(input=s3_server.uri(s3_prefix, "in/"), format="parquet", output=whole,
+                    model=str(golden_dir), chunking="late", chunk_tokens=16,
+                    chunk_window_tokens=64, storage_options=options))
+
+    def chunks(table):
+        keys = list(zip(table.column("doc_id").to_pylist(), table.column("chunk").to_pylist(),
+                        table.column("char_start").to_pylist(),
+                        table.column("char_end").to_pylist(), strict=True))
+        assert len(set(keys)) == len(keys)  # (doc_id, chunk) unique
+        return dict(zip(keys, np.asarray(table.column("vector").to_pylist()), strict=True))
+
+    got = chunks(lance.dataset(out, storage_options=options).to_table())
+    want = chunks(lance.dataset(whole).to_table())
+    assert sorted(got) == sorted(want)
+    assert {k[0] for k in got} == {r["id"] for r in rows if r["text"]}
+    assert len(got) > 2 * len({k[0] for k in got})  # documents of several chunks
+    assert max(np.abs(got[k] - want[k]).max() for k in got) < 1e-5
+    rejected = lance.dataset(s3_server.uri(s3_prefix, "out.rejected.lance"),
+                             storage_options=options).to_table()
+    assert sorted(map(int, rejected.column("id").to_pylist())) == sorted(
+        r["id"] for r in rows if not r["text"])
+
+
 def test_killed_encode_actor_is_restarted_and_nothing_is_lost(
     s3_server, s3_prefix, ray_session, golden_dir, embedder
 ):
