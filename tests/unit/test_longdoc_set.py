@@ -39,3 +39,23 @@ def test_chunk_table_scores_rank_documents_by_their_best_chunk(tmp_path) -> None
     queries = np.array([[1, 0, 0.5], [0, 1, 0.5]], np.float32)
     got = longdoc.score(data, str(tmp_path / "t.lance"), queries)
     assert got == {"doc@1": 0.5, "doc@5": 1.0, "rows": 3, "chunk@1": 0.5}
+
+
+def test_report_prints_the_column_table_then_the_longdoc_table() -> None:
+    from embedjob.table.eval import format_report
+
+    modes = {"none": {"doc@1": 0.1, "doc@5": 0.3, "rows": 40, "tokens": 9, "processed_tokens": 9},
+             "late": {"doc@1": 0.2, "doc@5": 0.4, "chunk@1": 0.05, "rows": 500, "tokens": 9,
+                      "processed_tokens": 12}}
+    lee = {"columns": {"vector": {"dim": 64, "dtype": "float32", "bytes_per_row": 256,
+                                  "pearson": 0.5}}}
+    longdoc_only = format_report({"datasets": {"longdoc": {"chunk_tokens": 64, "modes": modes}}})
+    assert longdoc_only.splitlines() == [
+        "| longdoc (64-token chunks) | doc@1 | doc@5 | chunk@1 | rows | tokens | "
+        "processed tokens |", "|---|---|---|---|---|---|---|",
+        "| none | 0.100 | 0.300 | - | 40 | 9 | 9 |",
+        "| late | 0.200 | 0.400 | 0.050 | 500 | 9 | 12 |"]
+    both = format_report({"datasets": {"lee": lee, "longdoc": {"chunk_tokens": 64,
+                                                              "modes": modes}}})
+    assert both.split("\n\n")[1] == longdoc_only
+    assert both.splitlines()[2] == "| lee | vector | 64 | float32 | 256 |  |  |  | 0.500 |  |"
