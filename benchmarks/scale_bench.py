@@ -87,7 +87,9 @@ def show(r: dict) -> None:
     print(f"{r['run']:>22}  rows {r['rows']:>9,}  files {r['files']:>6,}  "
           f"{r['wall_s']:>8.1f} s  {r['rows_per_s']:>9,.0f} rows/s  "
           f"driver {r['driver_peak_mib']:>7.1f} MiB  "
-          f"largest worker {r['largest_worker_peak_mib']:>7.1f} MiB ({r['largest_worker']})  "
+          f"largest worker {r['largest_worker_peak_mib']:>7.1f} MiB ({r['largest_worker']}), "
+          f"private {r['largest_worker_private_mib']:>7.1f} MiB "
+          f"({r['largest_worker_private']})  "
           f"req/file {r['input_requests_per_file']}  "
           f"manifest {r['manifest_bytes']:,} B  data files {r['data_files']}", flush=True)
     print("    driver peak MiB by kind: " + ", ".join(
@@ -95,8 +97,9 @@ def show(r: dict) -> None:
     print("    peak MiB by role: " + ", ".join(f"{k} {v}" for k, v in
                                                r["peak_mib_by_role"].items()), flush=True)
     for p in r["largest_processes"]:
-        print(f"    pid {p['pid']}: peak {p['peak_mib']} MiB as {p['role_at_peak']}; roles "
-              f"{' -> '.join(p['roles'])}; MiB by tenth of its life {p['rss_mib_by_tenth']}",
+        print(f"    pid {p['pid']}: peak {p['peak_mib']} MiB as {p['role_at_peak']} (private "
+              f"{p['private_peak_mib']} MiB); roles {' -> '.join(p['roles'])}; MiB by tenth "
+              f"of its life {p['rss_mib_by_tenth']}, private {p['private_mib_by_tenth']}",
               flush=True)
 
 

@@ -128,8 +128,19 @@ class ProcessSampler:
         fixed cost)."""
         ranked = sorted(self.processes.items(), key=lambda kv: -kv[1]["peak"])[:top]
         return [{"pid": pid, "peak_mib": mib(p["peak"]), "role_at_peak": p["role_at_peak"],
-                 "roles": p["roles"], "rss_mib_by_tenth": _tenths(p["trace"])}
+                 "roles": p["roles"], "rss_mib_by_tenth": _tenths(p["trace"]),
+                 "private_peak_mib": mib(p["private_peak"]),
+                 "private_mib_by_tenth": _tenths(p["private"])}
                 for pid, p in ranked]
+
+    @property
+    def largest_private(self) -> tuple[str, int]:
+        """The worker process with the most private memory (VmRSS less RssShmem): its
+        role at its RSS peak and that private peak."""
+        if not self.processes:
+            return "", 0
+        p = max(self.processes.values(), key=lambda p: p["private_peak"])
+        return p["role_at_peak"], p["private_peak"]
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -142,19 +153,25 @@ class ProcessSampler:
         for pid in _descendants():
             role = _role(pid)
             if role:
-                rss = _vm_rss(pid)
+                kinds = _status_bytes(pid, ("VmRSS", "RssShmem"))
+                rss = kinds.get("VmRSS", 0)
                 self.roles[role] = max(self.roles.get(role, 0), rss)
                 if role.startswith("ray::"):
-                    self._track(pid, role, rss)
+                    self._track(pid, role, rss, rss - kinds.get("RssShmem", 0))
 
-    def _track(self, pid: int, role: str, rss: int) -> None:
+    def _track(self, pid: int, role: str, rss: int, private: int) -> None:
+        """``private``: VmRSS less RssShmem, the pages only this process holds (the
+        object-store pages a worker touched are shared: counted once per node, capped by
+        the object store's size)."""
         p = self.processes.setdefault(pid, {"peak": 0, "role_at_peak": role, "roles": [],
-                                            "trace": []})
+                                            "trace": [], "private_peak": 0, "private": []})
         if not p["roles"] or p["roles"][-1] != role:
             p["roles"].append(role)
         if rss > p["peak"]:
             p["peak"], p["role_at_peak"] = rss, role
         p["trace"].append(rss)
+        p["private_peak"] = max(p["private_peak"], private)
+        p["private"].append(private)
 
 
 def _tenths(trace: list[int]) -> list[float]:
@@ -363,6 +380,8 @@ def record(name: str, summary: Any, sampler: ProcessSampler, files: int,
         "driver_peak_kinds_mib": {k: mib(v) for k, v in sampler.driver_kinds.items()},
         "largest_worker_peak_mib": mib(largest),
         "largest_worker": role,
+        "largest_worker_private_mib": mib(sampler.largest_private[1]),
+        "largest_worker_private": sampler.largest_private[0],
         "peak_mib_by_role": {k: mib(v) for k, v in sorted(sampler.roles.items())},
         "largest_processes": sampler.largest_processes(),
         **extra,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import runpy
+from pathlib import Path
 
 import pytest
 
@@ -23,3 +24,39 @@ def test_shard_series_prints_20_bytes_per_row_and_a_36_byte_peak(capsys):
         assert r["numpy_bytes_per_row"] == 20.0
         assert 20.0 < r["resolve_peak_bytes_per_row"] <= 37.0
         assert r["losers"] == 10_000 and r["after_bytes_per_row"] == pytest.approx(0.4)
+
+
+def test_the_sampler_tells_a_workers_private_memory_from_shared_pages(tmp_path):
+    """A child titled like a Ray worker holds 64 MiB of its own and touches 96 MiB of shared
+    memory (as a worker touches object-store pages): its RSS peak counts both, its private
+    peak only the first."""
+    import subprocess
+    import sys
+    import time
+
+    from embedjob.bench.scale import ProcessSampler
+
+    shm = Path("/dev/shm") / f"embedjob-test-{tmp_path.name}"
+    child = ("import mmap, os, time\n"
+             f"f = open({str(shm)!r}, 'w+b'); f.truncate(96 << 20)\n"
+             "m = mmap.mmap(f.fileno(), 96 << 20)\n"
+             "for i in range(0, 96 << 20, 4096): m[i] = 1\n"
+             "own = bytearray(64 << 20)\n"
+             "for i in range(0, 64 << 20, 4096): own[i] = 1\n"
+             "print('ready', flush=True); time.sleep(30)\n")
+    proc = subprocess.Popen(["ray::Probe", "-c", child], executable=sys.executable,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with ProcessSampler(interval_s=0.1) as sampler:
+            time.sleep(0.6)
+    finally:
+        proc.kill()
+        proc.wait()
+        shm.unlink(missing_ok=True)
+    (p,) = sampler.largest_processes()
+    assert p["role_at_peak"] == "ray::Probe"
+    assert p["peak_mib"] >= 64 + 96
+    assert 64 <= p["private_peak_mib"] < 64 + 60   # the interpreter's own pages, not the 96
+    assert sampler.largest_private == ("ray::Probe", pytest.approx(p["private_peak_mib"]
+                                                                   * 2**20, rel=0.01))
