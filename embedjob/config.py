@@ -169,10 +169,11 @@ class EmbedConfig:
              "this bounds the driver's memory however many units there are; it also bounds "
              "how many units are read at once")
     read_memory_bytes: int = knob(
-        512 * 1024 * 1024, commands=RUNS,
+        768 * 1024 * 1024, commands=RUNS,
         help="memory reserved per read task (one unit at a time in 8192-row batches; a Parquet "
-             "row group is decoded whole, so 512 MiB leaves room for row groups of a few "
-             "hundred MB)")
+             "row group is decoded whole; a read worker peaked at ~600 MiB with 64k-row row "
+             "groups in the scale benchmark, of which ~180 MiB is the interpreter and its "
+             "libraries)")
     packed: bool = knob(
         False, commands=RUNS,
         help="pack each batch's sequences into one row that attends per sequence (varlen) "
