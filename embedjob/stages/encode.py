@@ -198,7 +198,7 @@ class EncodeActor:
         try:
             outs = self.encode_batches(batches)
         except self.out_of_memory as exc:
-            free_accelerator_memory(self.embedder.device)
+            V.free_accelerator_memory(self.embedder.device)
             logger.warning("out of memory in a block of %d forwards (%s); one by one", len(runs),
                            exc)
             for run in runs:
@@ -222,7 +222,7 @@ class EncodeActor:
         try:
             vectors[start:stop] = self._checked(self.encode_ids(ids), ids)
         except self.out_of_memory as exc:
-            free_accelerator_memory(self.embedder.device)
+            V.free_accelerator_memory(self.embedder.device)
             if len(ids) == 1:
                 reasons[start] = f"out of memory: 1 text of {len(ids[0])} tokens does not fit"
                 logger.warning("%s (%s)", reasons[start], exc)
@@ -269,11 +269,3 @@ def _processed(ids: list[np.ndarray], packed: bool) -> list[int] | int:
 def forward_cost(ids: list[np.ndarray], packed: bool) -> int:
     """Tokens one forward holds: sum of lengths (packed) or rows x longest (padded)."""
     return sum(map(len, ids)) if packed else len(ids) * max(map(len, ids))
-
-
-def free_accelerator_memory(device) -> None:
-    """Return the failed forward's cached blocks to the GPU before the halves run."""
-    if getattr(device, "type", "cpu") == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()

@@ -42,7 +42,6 @@ from embedjob.schema import Status
 from embedjob.stages import vectors as V
 from embedjob.stages.chunk_rows import append_flat
 from embedjob.stages.crashes import block_key, row_keys
-from embedjob.stages.encode import free_accelerator_memory
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ def _encode_run(actor, block: _Block, run: list[int]) -> None:
                                   [[(c[S.POOL_START], c[S.POOL_END]) for c in block.windows[i]]
                                    for i in run])
     except actor.out_of_memory as exc:
-        free_accelerator_memory(actor.embedder.device)
+        V.free_accelerator_memory(actor.embedder.device)
         if len(run) == 1:
             reason = f"out of memory: 1 window of {len(block.rows[run[0]])} tokens does not fit"
             block.failed[block.docs[run[0]]] = reason

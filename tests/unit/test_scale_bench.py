@@ -54,9 +54,11 @@ def test_the_sampler_tells_a_workers_private_memory_from_shared_pages(tmp_path):
         proc.kill()
         proc.wait()
         shm.unlink(missing_ok=True)
-    (p,) = sampler.largest_processes()
+    # other suites' Ray workers may still be alive here: pick the probe out by its pid
+    (p,) = [p for p in sampler.largest_processes(top=1000) if p["pid"] == proc.pid]
     assert p["role_at_peak"] == "ray::Probe"
     assert p["peak_mib"] >= 64 + 96
     assert 64 <= p["private_peak_mib"] < 64 + 60   # the interpreter's own pages, not the 96
-    assert sampler.largest_private == ("ray::Probe", pytest.approx(p["private_peak_mib"]
-                                                                   * 2**20, rel=0.01))
+    role, private = sampler.largest_private
+    assert private >= p["private_peak_mib"] * 2**20 * 0.99
+    assert role == "ray::Probe" or private > p["private_peak_mib"] * 2**20
