@@ -50,6 +50,7 @@ def _block(k: int, rng: np.random.Generator, vocab: int) -> pa.Table:
     return bucket_window(table, spec=BucketSpec(max_tokens=16384, overhead_tokens=0))
 
 
+@pytest.mark.slow  # 30 s in CI; benchmarks/ and BENCHMARKS.md (issue #21) measure the same
 @pytest.mark.skipif(encode._malloc_trim() is None, reason="needs glibc's malloc_trim")
 def test_encode_actor_memory_levels_off_across_blocks(golden_dir):
     actor = EncodeActor(EncodeSpec(model=str(golden_dir), task="retrieval.passage", dims=(32,)))
