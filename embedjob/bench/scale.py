@@ -106,6 +106,7 @@ class ProcessSampler:
     # the driver's peak split as /proc reports it: RssAnon (private heap: Python, Ray's C++
     # core worker, Arrow), RssFile (mapped libraries), RssShmem (object-store pages it touched)
     driver_kinds: dict[str, int] = field(default_factory=dict)
+    driver_trace: list[int] = field(default_factory=list)  # the driver's VmRSS per sample
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> ProcessSampler:
@@ -148,6 +149,7 @@ class ProcessSampler:
 
     def _sample(self) -> None:
         rss = _vm_rss(os.getpid())
+        self.driver_trace.append(rss)
         if rss > self.driver:  # which pages: private heap, mapped files, shared memory
             self.driver, self.driver_kinds = rss, _rss_kinds(os.getpid())
         for pid in _descendants():
@@ -378,6 +380,7 @@ def record(name: str, summary: Any, sampler: ProcessSampler, files: int,
         "rows_per_s": round(rows / summary.wall_s, 1) if summary.wall_s else 0.0,
         "driver_peak_mib": mib(sampler.driver),
         "driver_peak_kinds_mib": {k: mib(v) for k, v in sampler.driver_kinds.items()},
+        "driver_mib_by_tenth": _tenths(sampler.driver_trace),
         "largest_worker_peak_mib": mib(largest),
         "largest_worker": role,
         "largest_worker_private_mib": mib(sampler.largest_private[1]),
