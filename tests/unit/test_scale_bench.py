@@ -59,6 +59,19 @@ def test_the_sampler_tells_a_workers_private_memory_from_shared_pages(tmp_path):
     assert p["role_at_peak"] == "ray::Probe"
     assert p["peak_mib"] >= 64 + 96
     assert 64 <= p["private_peak_mib"] < 64 + 60   # the interpreter's own pages, not the 96
-    role, private = sampler.largest_private
-    assert private >= p["private_peak_mib"] * 2**20 * 0.99
-    assert role == "ray::Probe" or private > p["private_peak_mib"] * 2**20
+
+
+def test_the_largest_private_worker_is_chosen_by_private_memory_not_rss():
+    """The worker with the biggest RSS is not the one with the most memory of its own when
+    its RSS is object-store pages: ``largest_private`` names the other, with its private
+    peak; ``largest_processes`` still ranks by RSS."""
+    from embedjob.bench.scale import ProcessSampler
+
+    sampler = ProcessSampler()
+    mib = 2**20
+    sampler._track(1, "ray::Encode", 1000 * mib, 100 * mib)   # mostly shared pages
+    sampler._track(2, "ray::Tokenize", 500 * mib, 400 * mib)
+    sampler._track(2, "ray::Tokenize", 450 * mib, 420 * mib)  # private peaks later than RSS
+    assert sampler.largest_private == ("ray::Tokenize", 420 * mib)
+    assert [p["pid"] for p in sampler.largest_processes()] == [1, 2]
+    assert sampler.largest_processes()[1]["private_peak_mib"] == 420
