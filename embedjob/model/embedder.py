@@ -399,6 +399,11 @@ class Embedder:
             self.model.set_adapter(TASK_ADAPTERS[row_tasks[0]])
             yield {}
 
+    def free_cached_memory(self) -> None:
+        """Return a failed forward's cached blocks to the GPU before smaller forwards run."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _to_device(self, host: np.ndarray) -> torch.Tensor:
         """One host -> device copy; on CUDA from pinned memory, queued behind the running
         forward (the caching host allocator keeps the pinned block until the copy is done)."""

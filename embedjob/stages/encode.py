@@ -198,7 +198,7 @@ class EncodeActor:
         try:
             outs = self.encode_batches(batches)
         except self.out_of_memory as exc:
-            V.free_accelerator_memory(self.embedder.device)
+            self.embedder.free_cached_memory()
             logger.warning("out of memory in a block of %d forwards (%s); one by one", len(runs),
                            exc)
             for run in runs:
@@ -222,7 +222,7 @@ class EncodeActor:
         try:
             vectors[start:stop] = self._checked(self.encode_ids(ids), ids)
         except self.out_of_memory as exc:
-            V.free_accelerator_memory(self.embedder.device)
+            self.embedder.free_cached_memory()
             if len(ids) == 1:
                 reasons[start] = f"out of memory: 1 text of {len(ids[0])} tokens does not fit"
                 logger.warning("%s (%s)", reasons[start], exc)

@@ -113,7 +113,7 @@ def _encode_run(actor, block: _Block, run: list[int]) -> None:
                                   [[(c[S.POOL_START], c[S.POOL_END]) for c in block.windows[i]]
                                    for i in run])
     except actor.out_of_memory as exc:
-        V.free_accelerator_memory(actor.embedder.device)
+        actor.embedder.free_cached_memory()
         if len(run) == 1:
             reason = f"out of memory: 1 window of {len(block.rows[run[0]])} tokens does not fit"
             block.failed[block.docs[run[0]]] = reason

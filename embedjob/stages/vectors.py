@@ -71,11 +71,3 @@ def fixed_size_list(vectors: np.ndarray, valid: np.ndarray, dtype: np.dtype) -> 
     values = pa.array(np.ascontiguousarray(vectors, dtype=dtype).reshape(-1))
     mask = None if valid.all() else pa.array(~valid)
     return pa.FixedSizeListArray.from_arrays(values, vectors.shape[1], mask=mask)
-
-
-def free_accelerator_memory(device) -> None:
-    """Return the failed forward's cached blocks to the GPU before the halves run."""
-    if getattr(device, "type", "cpu") == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
